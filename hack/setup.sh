@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything the test bed, the tests and the quickstart need on a fresh machine:
+# Debian's prometheus, a Python venv with llmserve and its extras, and the pinned Go-built
+# Kubernetes/etcd/KWOK/Helm binaries (cached under ~/.cache/llmserve, built once).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${LLMSERVE_VENV:-$HOME/.cache/llmserve/venv}"
+EXTRAS="${LLMSERVE_EXTRAS:-dev,operator,testbed,build,predictor,models}"
+
+if ! command -v prometheus >/dev/null 2>&1; then
+  echo "[setup] installing Debian's prometheus" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+command -v go >/dev/null 2>&1 || { echo "[setup] Go >= 1.24 is required (https://go.dev/doc/install)" >&2; exit 1; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating venv $VENV" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -U pip setuptools wheel
+fi
+echo "[setup] installing llmserve[$EXTRAS] into $VENV (first time downloads torch, ~5 GB)" >&2
+"$VENV/bin/pip" install -q --progress-bar off -e ".[$EXTRAS]"
+"$VENV/bin/llmserve" testbed build
+echo "[setup] done: activate with  source $VENV/bin/activate" >&2

@@ -1,0 +1,1 @@
+"""Optimized model artifacts: build, gate, publish and verify Triton model-repository versions."""

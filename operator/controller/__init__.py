@@ -1,0 +1,1 @@
+"""The LLMService operator: pure builders, one apply path, kopf wiring."""

@@ -1,0 +1,206 @@
+"""Builds the test bed's upstream binaries from pinned Go modules, once, into a versioned cache.
+
+Kubernetes and etcd are multi-module repositories whose main module points at its siblings with
+local ``replace`` lines, so ``go install module@version`` refuses them. We build them from a small
+wrapper module that requires the upstream module and replaces each local sibling with the same
+sibling at its published version. Versions are stamped through ``-ldflags -X`` so kubectl and helm
+see a real server version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .paths import cache_root
+
+KUBERNETES_VERSION = "v1.33.4"
+ETCD_VERSION = "v3.5.21"
+KWOK_VERSION = "v0.7.0"
+HELM_VERSION = "v3.18.6"
+
+_K8S_MINOR = KUBERNETES_VERSION.lstrip("v").split(".")[1]
+_K8S_STAMP = " ".join(
+    f"-X {pkg}.{key}={value}"
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
+    for key, value in (
+        ("gitVersion", KUBERNETES_VERSION),
+        ("gitMajor", "1"),
+        ("gitMinor", _K8S_MINOR),
+        ("gitCommit", "0" * 40),
+        ("gitTreeState", "clean"),
+        ("buildDate", "1970-01-01T00:00:00Z"),
+    )
+)
+
+
+@dataclass(frozen=True)
+class GoComponent:
+    """One pinned upstream Go module and the commands built from it."""
+
+    name: str
+    module: str
+    version: str
+    commands: dict[str, str]  # binary name -> main package path
+    ldflags: str = ""
+    sibling_version: str = ""  # version that replaces local sibling modules ("" = same version)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bin_dir(self) -> Path:
+        return cache_root() / "bin" / f"{self.name}-{self.version}"
+
+    def path(self, binary: str) -> Path:
+        return self.bin_dir / binary
+
+    def is_built(self) -> bool:
+        return all(self.path(b).is_file() for b in self.commands)
+
+
+KUBERNETES = GoComponent(
+    name="kubernetes",
+    module="k8s.io/kubernetes",
+    version=KUBERNETES_VERSION,
+    commands={
+        "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
+        "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
+        "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+        "kubectl": "k8s.io/kubernetes/cmd/kubectl",
+    },
+    ldflags=_K8S_STAMP,
+    sibling_version="v0." + KUBERNETES_VERSION.lstrip("v").split(".", 1)[1],
+)
+ETCD = GoComponent(
+    name="etcd",
+    module="go.etcd.io/etcd/server/v3",
+    version=ETCD_VERSION,
+    commands={"etcd": "go.etcd.io/etcd/server/v3"},
+)
+KWOK = GoComponent(
+    name="kwok",
+    module="sigs.k8s.io/kwok",
+    version=KWOK_VERSION,
+    commands={"kwok": "sigs.k8s.io/kwok/cmd/kwok"},
+    ldflags=f"-X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION}",
+)
+HELM = GoComponent(
+    name="helm",
+    module="helm.sh/helm/v3",
+    version=HELM_VERSION,
+    commands={"helm": "helm.sh/helm/v3/cmd/helm"},
+    ldflags=f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",
+)
+
+COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _log(msg: str) -> None:
+    print(f"[testbed] {msg}", file=sys.stderr, flush=True)
+
+
+def _go() -> str:
+    go = shutil.which("go")
+    if not go:
+        raise BuildError("the Go toolchain is needed to build the test bed (install Go >= 1.24)")
+    return go
+
+
+def _run(cmd: list[str], cwd: Path, log_path: Path, label: str) -> None:
+    """Run a long build step, printing elapsed time and compiled-package count every 30 s."""
+    env = {**os.environ, "GOFLAGS": "-buildvcs=false", "CGO_ENABLED": "0"}
+    started = time.monotonic()
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        done = threading.Event()
+
+        def progress() -> None:
+            while not done.wait(30):
+                lines = sum(1 for _ in open(log_path, "rb"))
+                _log(f"  {label}: {int(time.monotonic() - started)}s, {lines} log lines ({log_path})")
+
+        threading.Thread(target=progress, daemon=True).start()
+        rc = proc.wait()
+        done.set()
+    if rc != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise BuildError(f"{label} failed (exit {rc}); last lines of {log_path}:\n{tail}")
+
+
+def _local_replacements(upstream_gomod: str) -> list[str]:
+    """Module paths that upstream's go.mod replaces with a directory of the same repository."""
+    mods = []
+    for line in upstream_gomod.splitlines():
+        m = re.match(r"^\s*(?:replace\s+)?(\S+)\s*=>\s*(\.\.?/\S+)\s*$", line)
+        if m and "FORBIDDEN" not in m.group(2):
+            mods.append(m.group(1))
+    return mods
+
+
+def build(component: GoComponent) -> None:
+    """Build one component into its cache directory unless it is already there."""
+    if component.is_built():
+        return
+    go = _go()
+    work = cache_root() / "build" / f"{component.name}-{component.version}"
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "build.log"
+    log_path.write_text("")
+    _log(f"building {component.name} {component.version} from {component.module} "
+         f"(first time only; Kubernetes takes ~20-40 min on 2 cores)")
+    info = subprocess.run(
+        [go, "mod", "download", "-json", f"{component.module}@{component.version}"],
+        cwd=work, capture_output=True, text=True,
+    )
+    if info.returncode != 0:
+        raise BuildError(f"cannot download {component.module}@{component.version}: {info.stdout}{info.stderr}")
+    upstream = Path(json.loads(info.stdout)["GoMod"]).read_text()
+    go_line = re.search(r"^go (\S+)", upstream, re.M)
+    sibling = component.sibling_version or component.version
+    replaces = "".join(f"\t{m} => {m} {sibling}\n" for m in _local_replacements(upstream))
+    (work / "go.mod").write_text(
+        f"module llmserve.dev/testbed/{component.name}\n\n"
+        f"go {go_line.group(1) if go_line else '1.24'}\n\n"
+        f"require {component.module} {component.version}\n"
+        + (f"\nreplace (\n{replaces})\n" if replaces else "")
+    )
+    imports = "".join(f'\t_ "{pkg}"\n' for pkg in component.commands.values())
+    (work / "tools.go").write_text(f"//go:build tools\n\npackage tools\n\nimport (\n{imports})\n")
+    _run([go, "mod", "tidy"], work, log_path, f"{component.name}: resolving modules")
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    _run([go, "build", "-v", "-trimpath", "-ldflags", f"-s -w {component.ldflags}".strip(),
+          "-o", str(out) + "/", *component.commands.values()],
+         work, log_path, f"{component.name}: compiling")
+    for binary, pkg in component.commands.items():
+        parts = pkg.rstrip("/").split("/")
+        built = out / (parts[-2] if re.fullmatch(r"v\d+", parts[-1]) else parts[-1])
+        if built.name != binary:
+            built.rename(out / binary)
+    component.bin_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(component.bin_dir, ignore_errors=True)
+    out.rename(component.bin_dir)  # atomic: a half-built cache is never mistaken for a good one
+    _log(f"built {component.name} {component.version} into {component.bin_dir}")
+
+
+def ensure_all() -> dict[str, Path]:
+    """Build whatever is missing and return binary name -> path for every component."""
+    paths = {}
+    for component in COMPONENTS:
+        build(component)
+        paths.update({b: component.path(b) for b in component.commands})
+    return paths
