@@ -51,7 +51,7 @@ class GoComponent:
     version: str
     commands: dict[str, str]  # binary name -> main package path
     ldflags: str = ""
-    sibling_version: str = ""  # version that replaces local sibling modules ("" = same version)
+    sibling_version: str = ""  # version of local siblings that upstream pins as v0.0.0 ("" = same)
     env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -118,19 +118,23 @@ def _go() -> str:
 
 
 def _run(cmd: list[str], cwd: Path, log_path: Path, label: str) -> None:
-    """Run a long build step, printing elapsed time and compiled-package count every 30 s."""
+    """Run a long build step; every 30 s print the elapsed time and how many output lines
+    (modules downloaded, or packages compiled with ``go build -v``) it has produced."""
     env = {**os.environ, "GOFLAGS": "-buildvcs=false", "CGO_ENABLED": "0"}
     started = time.monotonic()
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
+        offset = log.tell()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         done = threading.Event()
 
         def progress() -> None:
             while not done.wait(30):
-                lines = sum(1 for _ in open(log_path, "rb"))
-                _log(f"  {label}: {int(time.monotonic() - started)}s, {lines} log lines ({log_path})")
+                with open(log_path, "rb") as f:
+                    f.seek(offset)
+                    count = f.read().count(b"\n")
+                _log(f"  {label}: {int(time.monotonic() - started)}s, {count} packages/modules so far")
 
         threading.Thread(target=progress, daemon=True).start()
         rc = proc.wait()
@@ -140,14 +144,18 @@ def _run(cmd: list[str], cwd: Path, log_path: Path, label: str) -> None:
         raise BuildError(f"{label} failed (exit {rc}); last lines of {log_path}:\n{tail}")
 
 
-def _local_replacements(upstream_gomod: str) -> list[str]:
-    """Module paths that upstream's go.mod replaces with a directory of the same repository."""
-    mods = []
+def _local_replacements(upstream_gomod: str, fallback_version: str) -> dict[str, str]:
+    """Sibling modules that upstream's go.mod replaces with a directory of its own repository,
+    mapped to the published version to use instead: upstream's own requirement of that sibling,
+    or ``fallback_version`` where upstream requires the placeholder v0.0.0 (Kubernetes staging)."""
+    required = dict(re.findall(r"^\s*(?:require\s+)?(\S+)\s+(v\S+)(?:\s*//.*)?$", upstream_gomod, re.M))
+    replaced = {}
     for line in upstream_gomod.splitlines():
         m = re.match(r"^\s*(?:replace\s+)?(\S+)\s*=>\s*(\.\.?/\S+)\s*$", line)
         if m and "FORBIDDEN" not in m.group(2):
-            mods.append(m.group(1))
-    return mods
+            version = required.get(m.group(1), "v0.0.0")
+            replaced[m.group(1)] = fallback_version if version == "v0.0.0" else version
+    return replaced
 
 
 def build(component: GoComponent) -> None:
@@ -156,7 +164,8 @@ def build(component: GoComponent) -> None:
         return
     go = _go()
     work = cache_root() / "build" / f"{component.name}-{component.version}"
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a stale wrapper go.mod would break the download
+    work.mkdir(parents=True)
     log_path = work / "build.log"
     log_path.write_text("")
     _log(f"building {component.name} {component.version} from {component.module} "
@@ -169,8 +178,8 @@ def build(component: GoComponent) -> None:
         raise BuildError(f"cannot download {component.module}@{component.version}: {info.stdout}{info.stderr}")
     upstream = Path(json.loads(info.stdout)["GoMod"]).read_text()
     go_line = re.search(r"^go (\S+)", upstream, re.M)
-    sibling = component.sibling_version or component.version
-    replaces = "".join(f"\t{m} => {m} {sibling}\n" for m in _local_replacements(upstream))
+    siblings = _local_replacements(upstream, component.sibling_version or component.version)
+    replaces = "".join(f"\t{m} => {m} {v}\n" for m, v in siblings.items())
     (work / "go.mod").write_text(
         f"module llmserve.dev/testbed/{component.name}\n\n"
         f"go {go_line.group(1) if go_line else '1.24'}\n\n"

@@ -1,0 +1,194 @@
+"""Version manifests: what a published version contains, and the checks that it still does.
+
+A version directory `<repo>/<model>/<N>/` is immutable once published. Its `manifest.json` lists
+every other file in the directory with its size and sha256, so a verifier can detect any changed,
+missing or added file. The sha256 of `manifest.json` itself is the version's identity: an
+LLMService may pin it (`spec.model.sha256`), which then covers every byte the pod will serve.
+
+This module is imported by the operator's model puller (`llmserve verify` / `llmserve pull`),
+which runs in the small operator image: standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+# The Triton config the version was built and gated with; `pull` installs it as the model's
+# config.pbtxt so a later build of the same model can never change how this version is served.
+VERSION_CONFIG = "config.pbtxt"
+FORMAT = 1
+_CHUNK = 1 << 20
+
+
+class ManifestError(Exception):
+    """A version does not match its manifest (or has none); the message names every problem."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def list_files(root: Path) -> list[str]:
+    """Relative POSIX paths of all regular files under `root`, sorted (symlinks are refused)."""
+    files = []
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise ManifestError(f"{path}: symbolic links are not allowed in a model version")
+        if path.is_file():
+            files.append(path.relative_to(root).as_posix())
+    return files
+
+
+def file_entries(root: Path) -> dict[str, dict]:
+    """{relative path: {sha256, size}} for every file under `root` except the manifest."""
+    return {
+        rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
+        for rel in list_files(root)
+        if rel != MANIFEST
+    }
+
+
+def write_manifest(version_dir: Path, fields: dict) -> str:
+    """Write manifest.json covering every file now in `version_dir`; returns its sha256."""
+    manifest = {"format": FORMAT, **fields, "files": file_entries(version_dir)}
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    (version_dir / MANIFEST).write_bytes(data)
+    return sha256_bytes(data)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    data: dict
+    sha256: str
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.data["files"]
+
+
+def read_manifest(version_dir: Path, expected_sha256: str | None = None) -> Manifest:
+    path = version_dir / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest; not a published model version") from None
+    digest = sha256_bytes(raw)
+    if expected_sha256 and digest != expected_sha256.lower():
+        raise ManifestError(
+            f"{path}: manifest sha256 is {digest}, expected {expected_sha256.lower()}"
+        )
+    try:
+        data = json.loads(raw)
+        files = data["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and "sha256" in e and "size" in e for e in files.values()
+        ):
+            raise ValueError("bad 'files'")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
+    for rel in files:
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise ManifestError(f"{path}: file entry {rel!r} escapes the version directory")
+    return Manifest(data, digest)
+
+
+def verify_version(version_dir: Path, expected_sha256: str | None = None) -> Manifest:
+    """Check every file of `version_dir` against its manifest; raise ManifestError naming all
+    missing, changed and unlisted files."""
+    if not version_dir.is_dir():
+        raise ManifestError(f"{version_dir}: no such version directory")
+    manifest = read_manifest(version_dir, expected_sha256)
+    problems = []
+    present = set(list_files(version_dir)) - {MANIFEST}
+    for rel, entry in sorted(manifest.files.items()):
+        path = version_dir / rel
+        if rel not in present:
+            problems.append(f"missing {rel}")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"size of {rel} is {path.stat().st_size}, manifest says {entry['size']}")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"sha256 of {rel} does not match the manifest")
+    problems += [f"unlisted file {rel}" for rel in sorted(present - set(manifest.files))]
+    if problems:
+        raise ManifestError(f"{version_dir}: " + "; ".join(problems))
+    return manifest
+
+
+def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
+    """Copy src to dst, hashing the bytes as they are written (one read of the source)."""
+    digest, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            fout.write(chunk)
+    return digest.hexdigest(), size
+
+
+def pull(source_repo: Path, model: str, version: int, dest_repo: Path,
+         expected_sha256: str | None = None) -> Manifest:
+    """Install `<source_repo>/<model>/<version>/` into `<dest_repo>/<model>/`, as the model
+    puller does before tritonserver starts.
+
+    Every file is verified while it is copied into a staging directory inside `dest_repo`, which
+    is renamed into place only when everything matched: a failed pull leaves nothing behind. The
+    version's own config.pbtxt becomes the model's config.pbtxt. An already installed, intact
+    copy of the same manifest is kept (init containers may run more than once).
+    """
+    src = source_repo / model / str(version)
+    manifest = read_manifest(src, expected_sha256)
+    if VERSION_CONFIG not in manifest.files:
+        raise ManifestError(f"{src}: the manifest lists no {VERSION_CONFIG}")
+    final = dest_repo / model
+    installed = final / str(version)
+    if installed.is_dir():
+        try:
+            if verify_version(installed, manifest.sha256) and _same_bytes(
+                final / VERSION_CONFIG, installed / VERSION_CONFIG
+            ):
+                return manifest
+        except ManifestError:
+            pass  # a stale or damaged copy: replaced below
+    dest_repo.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".pull-{model}-", dir=dest_repo))
+    try:
+        target = staging / model / str(version)
+        problems = []
+        for rel, entry in sorted(manifest.files.items()):
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                digest, size = _copy_hashed(src / rel, target / rel)
+            except FileNotFoundError:
+                problems.append(f"missing {rel}")
+                continue
+            if (digest, size) != (entry["sha256"], entry["size"]):
+                problems.append(f"sha256 of {rel} does not match the manifest")
+        if problems:
+            raise ManifestError(f"{src}: " + "; ".join(problems))
+        shutil.copyfile(src / MANIFEST, target / MANIFEST)
+        shutil.copyfile(target / VERSION_CONFIG, staging / model / VERSION_CONFIG)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging / model, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()

@@ -1,0 +1,133 @@
+"""The LLMService API as the operator reads it: names, labels and a typed view of the spec.
+
+The CRD (charts/llmserve/templates/crd.yaml, the one source of truth for the schema) validates and
+defaults every field before the operator sees an object; the defaults are repeated here only so an
+object written before a default existed still renders the same children.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .units import parse_duration
+
+GROUP, VERSION, KIND, PLURAL = "llmserve.io", "v1alpha1", "LLMService", "llmservices"
+API_VERSION = f"{GROUP}/{VERSION}"
+MANAGER = "llmserve"
+
+# Standard labels on every child. Prometheus relabels the pod labels into metric labels, so the
+# analysis and autoscaling queries (issues 6 and 7) select on these exact keys.
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_SERVICE = "llmserve.io/service"
+LABEL_VERSION = "llmserve.io/model-version"
+LABEL_TRACK = "llmserve.io/track"
+MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER}"
+
+STABLE, CANARY = "stable", "canary"
+
+DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.08-py3"
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def deployment_name(service: str, version: int) -> str:
+    """One Deployment per served model version: its pods only ever load that version."""
+    return f"{service}-v{version}"
+
+
+def track_service_name(service: str, track: str) -> str:
+    return f"{service}-{track}"
+
+
+def child_labels(service: str, version: int, track: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "llmservice",
+        LABEL_INSTANCE: service,
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_SERVICE: service,
+        LABEL_VERSION: str(version),
+        LABEL_TRACK: track,
+    }
+
+
+def pod_selector(service: str) -> str:
+    """Label selector of every pod of an LLMService (both tracks): status.selector for /scale."""
+    return f"{LABEL_SERVICE}={service},{MANAGED_SELECTOR}"
+
+
+@dataclass(frozen=True)
+class Repository:
+    """Where the model repository lives: a PVC sub-path, or a host directory (test bed only)."""
+
+    scheme: str  # "pvc" or "file"
+    path: str  # sub-path inside the claim (may be ""), or an absolute host path
+    claim: str = ""
+
+    @classmethod
+    def parse(cls, uri: str) -> Repository:
+        parts = urlsplit(uri)
+        if parts.scheme == "pvc" and parts.netloc:
+            return cls("pvc", parts.path.strip("/"), claim=parts.netloc)
+        if parts.scheme == "file" and not parts.netloc and parts.path.startswith("/"):
+            return cls("file", parts.path.rstrip("/") or "/")
+        raise ValueError(f"unsupported repository {uri!r}: use pvc://<claim>/<path> or file:///<path>")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A typed, defaulted view of one LLMService; built from the object with `Spec.from_object`."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    model: str
+    version: int
+    repository: Repository
+    sha256: str | None = None
+    replicas: int = 1
+    image: str = DEFAULT_TRITON_IMAGE
+    gpus: int = 1
+    gpu_resource: str = DEFAULT_GPU_RESOURCE
+    resources: dict = field(default_factory=dict)
+    node_selector: dict = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
+    affinity: dict = field(default_factory=dict)
+    image_pull_secrets: list = field(default_factory=list)
+    startup_timeout: float = 600.0
+    shm_size: str = "256Mi"
+    predictor_image: str | None = None
+    predictor_resources: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_object(cls, obj: dict) -> Spec:
+        """Raises ValueError for what the CRD cannot express (the message is shown in a condition)."""
+        meta, spec = obj["metadata"], obj.get("spec") or {}
+        model, runtime, predictor = spec.get("model") or {}, spec.get("runtime") or {}, spec.get("predictor") or {}
+        if not model.get("name") or not model.get("repository") or not model.get("version"):
+            raise ValueError("spec.model needs name, repository and version")
+        return cls(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=meta.get("generation", 1),
+            model=model["name"],
+            version=int(model["version"]),
+            repository=Repository.parse(model["repository"]),
+            sha256=model.get("sha256") or None,
+            replicas=int(spec.get("replicas", 1)),
+            image=runtime.get("image") or DEFAULT_TRITON_IMAGE,
+            gpus=int(runtime.get("gpus", 1)),
+            gpu_resource=runtime.get("gpuResourceName") or DEFAULT_GPU_RESOURCE,
+            resources=runtime.get("resources") or {},
+            node_selector=runtime.get("nodeSelector") or {},
+            tolerations=runtime.get("tolerations") or [],
+            affinity=runtime.get("affinity") or {},
+            image_pull_secrets=runtime.get("imagePullSecrets") or [],
+            startup_timeout=parse_duration(runtime.get("startupTimeout") or "10m"),
+            shm_size=str(runtime.get("shmSize") or "256Mi"),
+            predictor_image=predictor.get("image") or None,
+            predictor_resources=predictor.get("resources") or {},
+        )

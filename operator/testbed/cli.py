@@ -1,0 +1,124 @@
+"""`llmserve testbed up | down | status | kubeconfig | build`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    testbed = sub.add_parser(
+        "testbed", help="local Kubernetes test bed with simulated GPU nodes",
+        description="A real control plane (etcd, kube-apiserver, controller-manager, scheduler) built "
+                    "from pinned upstream Go modules, with KWOK-simulated GPU nodes. Pods are "
+                    "scheduled for real but are not real processes.")
+    actions = testbed.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    up = actions.add_parser("up", help="build (first time) and start a test bed")
+    _name(up)
+    up.add_argument("--nodes", type=_positive, default=4, help="simulated GPU nodes (default 4)")
+    up.add_argument("--gpus", type=_non_negative, default=8, help="nvidia.com/gpu per node (default 8)")
+    up.add_argument("--taint", action="append", default=[], metavar="KEY=VALUE:EFFECT",
+                    help="taint every node, e.g. nvidia.com/gpu=present:NoSchedule (repeatable)")
+    up.set_defaults(func=_up)
+
+    down = actions.add_parser("down", help="stop a test bed and delete its data")
+    _name(down)
+    down.add_argument("--all", action="store_true", help="every test bed on this machine")
+    down.set_defaults(func=_down)
+
+    status = actions.add_parser("status", help="components, ports and nodes (JSON)")
+    _name(status)
+    status.set_defaults(func=_status)
+
+    kubeconfig = actions.add_parser("kubeconfig", help="print the admin kubeconfig path "
+                                    "(export KUBECONFIG=$(llmserve testbed kubeconfig))")
+    _name(kubeconfig)
+    kubeconfig.set_defaults(func=_kubeconfig)
+
+    build = actions.add_parser("build", help="build the pinned etcd/Kubernetes/KWOK/Helm binaries")
+    build.set_defaults(func=_build)
+
+
+def _name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", default="default", help="test bed name (default: default)")
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return n
+
+
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return n
+
+
+def _taint(text: str) -> dict:
+    from llmserve.cli import CommandError
+    try:
+        key_value, effect = text.rsplit(":", 1)
+        key, _, value = key_value.partition("=")
+    except ValueError:
+        raise CommandError(f"--taint {text!r}: expected KEY=VALUE:EFFECT") from None
+    if effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute") or not key:
+        raise CommandError(f"--taint {text!r}: effect must be NoSchedule, PreferNoSchedule or NoExecute")
+    return {"key": key, "value": value, "effect": effect}
+
+
+def _guard(fn):
+    """Turn test-bed and build failures into one-line CLI errors."""
+    from llmserve.cli import CommandError
+    from .cluster import TestBedError
+    from .toolchain import BuildError
+    try:
+        return fn()
+    except (TestBedError, BuildError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _up(args) -> int:
+    from .cluster import TestBed
+    taints = [_taint(t) for t in args.taint]
+    bed = TestBed(args.name)
+    _guard(lambda: bed.up(nodes=args.nodes, gpus=args.gpus, taints=taints))
+    ready = bed.state()["ready_seconds"]
+    print(f"test bed {args.name!r} up: {args.nodes} nodes x {args.gpus} GPUs Ready in {ready}s", file=sys.stderr)
+    print(f"  export KUBECONFIG={bed.kubeconfig}", file=sys.stderr)
+    print(f"  export PATH={bed.bin_dir}:$PATH   # kubectl and helm of the pinned versions", file=sys.stderr)
+    return 0
+
+
+def _down(args) -> int:
+    from .cluster import TestBed, list_testbeds
+    for name in (list_testbeds() if args.all else [args.name]):
+        TestBed(name).down()
+        print(f"test bed {name!r} down", file=sys.stderr)
+    return 0
+
+
+def _status(args) -> int:
+    from .cluster import TestBed
+    status = _guard(TestBed(args.name).status)
+    print(json.dumps(status, indent=2))
+    return 0 if all(v == "running" for v in status["components"].values()) else 1
+
+
+def _kubeconfig(args) -> int:
+    from .cluster import TestBed
+    bed = TestBed(args.name)
+    _guard(bed.state)
+    print(bed.kubeconfig)
+    return 0
+
+
+def _build(args) -> int:
+    from . import toolchain
+    for name, path in _guard(toolchain.ensure_all).items():
+        print(f"{name}: {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,97 @@
+"""Local data-plane processes (Triton, Prometheus): free ports, a log file each, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Return ``count`` distinct ports the kernel just found free on ``host``.
+
+    The sockets stay open until all ports are chosen so the kernel cannot hand out one twice. A
+    port can still be taken before the caller binds it; callers report the bind error with the
+    process log rather than guessing.
+    """
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    """The last ``lines`` lines of a log file, or a note saying why there is none."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:]) or f"(empty log at {path})"
+
+
+class LocalProcess:
+    """A child process in its own session, with stdout and stderr in one log file.
+
+    Its own session makes it the leader of a process group, so ``stop`` can also reach the
+    processes it forked (Triton's python-backend stubs) even after the leader is gone.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._env = dict(env) if env is not None else None
+        self._cwd = cwd
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the process; its output goes to ``log_path`` (truncated first)."""
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+                cwd=self._cwd,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def returncode(self) -> int | None:
+        """The exit status, or None while the process runs (or before it started)."""
+        return self._proc.poll() if self._proc else None
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM the leader so it shuts down cleanly, SIGKILL it after ``grace`` seconds, then
+        SIGKILL whatever is left of its process group. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,228 @@
+"""Runs Debian's ``prometheus`` locally, scraping given targets, queried through its HTTP API.
+
+In the cluster, Prometheus discovers Triton pods and relabels their pod labels into metric labels
+(``labelmap`` of ``__meta_kubernetes_pod_label_(.+)``), so ``llmserve.io/track: canary`` becomes
+``llmserve_io_track="canary"``. Here the pods are simulated and Triton runs as a local process, so
+each target is listed statically with the labels that relabeling would have produced
+(``metric_labels`` computes them); queries written against the test bed select series exactly as
+they will in the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .procs import LocalProcess, free_ports, tail
+
+JOB = "triton"
+
+
+class PrometheusError(RuntimeError):
+    """Prometheus could not start, or a query failed or never matched; the message says why."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One element of an instant-query result."""
+
+    labels: dict[str, str]
+    value: float
+
+
+def metric_labels(pod_labels: Mapping[str, str]) -> dict[str, str]:
+    """The metric labels Kubernetes service discovery plus ``labelmap`` derive from pod labels.
+
+    Prometheus sanitizes discovered label names by replacing every character outside
+    ``[a-zA-Z0-9_]`` with ``_`` (``llmserve.io/track`` -> ``llmserve_io_track``).
+    """
+    return {re.sub(r"[^a-zA-Z0-9_]", "_", key): value for key, value in pod_labels.items()}
+
+
+def render_config(targets: Iterable[Mapping[str, Any]], scrape_interval: str = "1s") -> dict[str, Any]:
+    """The ``prometheus.yml`` for ``targets`` (``[{"target": "host:port", "labels": {...}}]``).
+
+    One static config per target, so each carries its own labels; the scrape timeout equals the
+    interval because Prometheus refuses a timeout longer than the interval.
+    """
+    static_configs = []
+    for entry in targets:
+        unknown = set(entry) - {"target", "labels"}
+        if "target" not in entry or unknown:
+            raise ValueError(f"a target is {{'target': 'host:port', 'labels': {{...}}}}, not {dict(entry)!r}")
+        static_configs.append({"targets": [entry["target"]], "labels": dict(entry.get("labels", {}))})
+    if not static_configs:
+        raise ValueError("give Prometheus at least one target to scrape")
+    return {
+        "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval, "evaluation_interval": scrape_interval},
+        "scrape_configs": [{"job_name": JOB, "metrics_path": "/metrics", "static_configs": static_configs}],
+    }
+
+
+class Prometheus:
+    """A local Prometheus on a free loopback port with its own TSDB in a temporary directory."""
+
+    def __init__(
+        self,
+        targets: Iterable[Mapping[str, Any]],
+        *,
+        scrape_interval: str = "1s",
+        binary: str = "prometheus",
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.config = render_config(targets, scrape_interval)
+        self.binary = binary
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self._workdir: Path | None = None
+        self._process: LocalProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        if self._workdir is None:
+            raise PrometheusError("Prometheus has not been started")
+        return self._workdir / "prometheus.log"
+
+    def log_tail(self, lines: int = 60) -> str:
+        return tail(self.log_path, lines)
+
+    def start(self) -> Prometheus:
+        if self._process is not None:
+            raise PrometheusError("Prometheus is already running")
+        executable = shutil.which(self.binary)
+        if executable is None:
+            raise PrometheusError(
+                f"{self.binary!r} is not on PATH; install Debian's prometheus package "
+                "(apt-get install prometheus; hack/setup.sh does)"
+            )
+        self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-prometheus-"))
+        try:
+            config = self._workdir / "prometheus.yml"
+            config.write_text(yaml.safe_dump(self.config, sort_keys=False))
+            (self.port,) = free_ports(1)
+            argv = [
+                executable,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self._workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ]
+            self._process = LocalProcess(argv, self.log_path, cwd=self._workdir)
+            self._process.start()
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            code = self._process.returncode()
+            if code is not None:
+                raise PrometheusError(
+                    f"prometheus exited with status {code} while starting\n"
+                    f"--- log tail ({self.log_path}) ---\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise PrometheusError(
+                    f"prometheus not ready after {self.startup_timeout:.0f}s ({self.url}/-/ready)\n"
+                    f"--- log tail ({self.log_path}) ---\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def _api(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        if self._process is None:
+            raise PrometheusError("Prometheus is not running")
+        url = f"{self.url}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as err:  # bad PromQL answers 400 with a JSON explanation
+            text = err.read().decode(errors="replace")
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = {"errorType": f"HTTP {err.code}", "error": text[:500]}
+        if body.get("status") != "success":
+            raise PrometheusError(f"GET {url}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, promql: str) -> list[Sample]:
+        """Evaluate an instant query now; a scalar result is one sample without labels."""
+        data = self._api("query", {"query": promql})
+        if data["resultType"] == "vector":
+            return [Sample(labels=item["metric"], value=float(item["value"][1])) for item in data["result"]]
+        if data["resultType"] == "scalar":
+            return [Sample(labels={}, value=float(data["result"][1]))]
+        raise PrometheusError(f"{promql!r} returned a {data['resultType']}; query() takes an instant vector or scalar")
+
+    def target_health(self) -> list[dict[str, Any]]:
+        """Each active target's scrape URL, labels, health and last error, as Prometheus sees it."""
+        return [
+            {key: target.get(key) for key in ("scrapeUrl", "labels", "health", "lastError")}
+            for target in self._api("targets", {"state": "active"})["activeTargets"]
+        ]
+
+    def wait_for(
+        self,
+        promql: str,
+        until: Callable[[list[Sample]], bool] = bool,
+        timeout: float = 30.0,
+    ) -> list[Sample]:
+        """Poll ``promql`` until ``until(result)`` holds (default: the result is not empty).
+
+        Scrapes and rule evaluation are periodic, so a test waits for a value instead of sleeping.
+        On timeout the error shows the last result and each target's health, which tells "not
+        scraped" from "scraped but different".
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.query(promql)
+            if until(result):
+                return result
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        raise PrometheusError(
+            f"{promql!r} did not reach the expected result within {timeout:.0f}s; last result: {result}\n"
+            f"targets: {json.dumps(self.target_health(), indent=2)}\n"
+            f"--- log tail ({self.log_path}) ---\n{self.log_tail(20)}"
+        )
+
+    def stop(self) -> None:
+        """Stop Prometheus and remove its configuration, TSDB and log."""
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> Prometheus:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,357 @@
+"""Runs the real ``tritonserver`` from the ``nvidia-pytriton`` wheel locally, on CPU.
+
+Pods in the test bed's cluster are simulated (KWOK), so data-plane tests run Triton here with the
+same argv the operator puts in the pod (``llmserve.tritoncmd``). Three things differ from the
+Triton container image and are handled here:
+
+- Backends. The wheel ships ``backends/python/libtriton_python.so`` but keeps its stubs aside, one
+  per Python version. The python backend launches ``triton_python_backend_stub`` from the
+  directory of ``libtriton_python.so``, so we assemble a backend directory with the matching stub
+  under ``cache_root()/triton/`` (never writing into site-packages) and pass
+  ``--backend-directory``.
+- Shared libraries. The binaries find the wheel's bundled libraries through an ``$ORIGIN``
+  RPATH that no longer holds once copied, so ``LD_LIBRARY_PATH`` names ``nvidia_pytriton.libs``.
+  The stub embeds ``libpython3.X.so``; the serving interpreter's own ``LIBDIR`` goes on the path
+  too so the stub runs the same Python build as the venv, not whichever one the system has.
+- Python packages. The image's Python has what its models import; here the models must see the
+  llmserve venv. Each staged ``config.pbtxt`` gets the python backend's ``EXECUTION_ENV_PATH``
+  parameter pointing at the venv: the backend then starts the stub after ``source
+  <venv>/bin/activate``, and the embedded interpreter finds the venv's ``site-packages``.
+
+Staging mirrors the pod's init container: exactly one version directory and the model's
+``config.pbtxt`` are copied into a fresh repository, so Triton sees only the version it serves.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ..tritoncmd import tritonserver_command
+from .paths import cache_root
+from .procs import LocalProcess, free_ports, tail
+
+EXECUTION_ENV_PARAMETER = "EXECUTION_ENV_PATH"
+
+
+class TritonError(RuntimeError):
+    """Triton could not be prepared, started or made ready; the message says why."""
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Where the ``nvidia-pytriton`` wheel keeps the server, its backends and its libraries."""
+
+    version: str
+    root: Path  # .../site-packages/pytriton/tritonserver
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def libs(self) -> Path:
+        # auditwheel's vendored libraries sit next to the package, as pytriton itself assumes.
+        return self.root.parent.parent / "nvidia_pytriton.libs"
+
+    @property
+    def python_backend(self) -> Path:
+        return self.root / "backends" / "python"
+
+    def stub(self, python_version: str) -> Path:
+        return self.root / "python_backend_stubs" / python_version / "triton_python_backend_stub"
+
+
+@lru_cache(maxsize=1)
+def triton_distribution() -> TritonDistribution:
+    """Locate the server inside the installed ``nvidia-pytriton`` wheel (without importing it)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonError(
+            "nvidia-pytriton is not installed in this Python; install the test bed extra: "
+            "pip install -e '.[testbed]' (hack/setup.sh does)"
+        )
+    dist = TritonDistribution(
+        version=importlib.metadata.version("nvidia-pytriton"),
+        root=Path(next(iter(spec.submodule_search_locations))) / "tritonserver",
+    )
+    for path in (dist.binary, dist.libs, dist.python_backend / "libtriton_python.so"):
+        if not path.exists():
+            raise TritonError(f"nvidia-pytriton {dist.version} has no {path}; reinstall it")
+    return dist
+
+
+@dataclass(frozen=True)
+class PythonEnv:
+    """The environment python-backend models run in: its prefix, version and ``libpython`` dir."""
+
+    prefix: Path
+    version: str  # "3.11"
+    libdir: Path
+
+
+@lru_cache(maxsize=None)
+def python_env(prefix: Path) -> PythonEnv:
+    """Ask the environment's own interpreter for its version and shared-library directory.
+
+    Asking it (rather than reading ``sys``) lets tests serve models from a venv other than the one
+    running pytest. The stub links ``libpython3.X.so``, so an interpreter built without
+    ``--enable-shared`` cannot host python-backend models.
+    """
+    python = prefix / "bin" / "python"
+    if not (prefix / "bin" / "activate").exists() or not python.exists():
+        raise TritonError(f"{prefix} is not a Python environment with bin/python and bin/activate")
+    probe = (
+        "import json, sys, sysconfig; print(json.dumps({'version': '%d.%d' % sys.version_info[:2], "
+        "'libdir': sysconfig.get_config_var('LIBDIR'), 'ldlibrary': sysconfig.get_config_var('LDLIBRARY')}))"
+    )
+    info = json.loads(subprocess.run([python, "-c", probe], check=True, capture_output=True, text=True).stdout)
+    libdir = Path(info["libdir"])
+    if not info["ldlibrary"].endswith(".so") or not (libdir / info["ldlibrary"]).exists():
+        raise TritonError(
+            f"{python} (Python {info['version']}) has no shared libpython ({info['ldlibrary']} in {libdir}); "
+            "the python backend stub needs one: use an interpreter built with --enable-shared"
+        )
+    return PythonEnv(prefix=prefix, version=info["version"], libdir=libdir)
+
+
+def python_backend_directory(dist: TritonDistribution, python_version: str) -> Path:
+    """A ``--backend-directory`` whose ``python/`` holds the backend and the matching stub.
+
+    Built once per wheel version and Python version under the cache root, and published with an
+    atomic rename so concurrent test runs never see a half-copied directory.
+    """
+    stub = dist.stub(python_version)
+    if not stub.exists():
+        shipped = sorted(p.name for p in (dist.root / "python_backend_stubs").iterdir())
+        raise TritonError(
+            f"nvidia-pytriton {dist.version} ships no python backend stub for Python {python_version} "
+            f"(it has {', '.join(shipped)})"
+        )
+    backends = cache_root() / "triton" / f"pytriton-{dist.version}-py{python_version}" / "backends"
+    if (backends / "python" / stub.name).exists():
+        return backends
+    backends.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".backends-", dir=backends.parent))
+    try:
+        shutil.copytree(dist.python_backend, staging / "python", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(stub, staging / "python" / stub.name)
+        try:
+            staging.rename(backends)
+        except OSError:  # another run published it first
+            if not (backends / "python" / stub.name).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return backends
+
+
+def stage_model_repository(source: Path, models: Mapping[str, int], destination: Path, env: Path) -> None:
+    """Copy ``<model>/config.pbtxt`` and ``<model>/<version>/`` of each model into ``destination``.
+
+    Like the pod's init container, only the served version is copied. The staged config gains an
+    ``EXECUTION_ENV_PATH`` parameter naming ``env`` unless the model already chose its own.
+    """
+    for name, version in models.items():
+        model_dir = source / name
+        config = model_dir / "config.pbtxt"
+        if not config.is_file():
+            raise TritonError(f"{config} does not exist: {source} is not a Triton model repository for {name!r}")
+        if not (model_dir / str(version)).is_dir():
+            found = sorted(p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+            raise TritonError(f"{name!r} has no version {version} in {source} (versions: {', '.join(found) or 'none'})")
+        target = destination / name
+        shutil.copytree(model_dir / str(version), target / str(version), copy_function=_link_or_copy)
+        text = config.read_text()
+        if EXECUTION_ENV_PARAMETER not in text:
+            text += (
+                f'\n# Added by llmserve.testbed.triton: run this model in {env}.\n'
+                f'parameters: {{ key: "{EXECUTION_ENV_PARAMETER}" value: {{ string_value: "{env}" }} }}\n'
+            )
+        (target / "config.pbtxt").write_text(text)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link artifacts (large model files cost nothing to stage); copy across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class TritonServer:
+    """One local ``tritonserver`` serving pinned model versions, on free loopback ports.
+
+    ``models`` maps model name to version, like an ``LLMService``'s model spec. ``env`` is the
+    Python environment python-backend models run in (default: the running interpreter's).
+    ``start`` returns once the server and every model report ready, or raises ``TritonError``
+    with the log tail.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike[str],
+        models: Mapping[str, int],
+        *,
+        env: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 120.0,
+        log_verbose: int = 0,
+    ) -> None:
+        if not models:
+            raise ValueError("name at least one model to load")
+        self.model_repository = Path(model_repository)
+        self.models = dict(models)
+        self.env = Path(env if env is not None else sys.prefix)
+        self.startup_timeout = startup_timeout
+        self.log_verbose = log_verbose
+        self._workdir: Path | None = None
+        self._process: LocalProcess | None = None
+        self._shm_prefix = ""
+        self.http_port = self.grpc_port = self.metrics_port = 0
+
+    @property
+    def log_path(self) -> Path:
+        if self._workdir is None:
+            raise TritonError("the server has not been started")
+        return self._workdir / "tritonserver.log"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def http_address(self) -> str:
+        """``host:port`` of the HTTP endpoint, the form ``tritonclient.http`` expects."""
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint, the form ``tritonclient.grpc`` expects."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_target(self) -> str:
+        """``host:port`` of the metrics endpoint, the form a Prometheus scrape target takes."""
+        return f"127.0.0.1:{self.metrics_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_target}/metrics"
+
+    @property
+    def command(self) -> list[str]:
+        if self._process is None:
+            raise TritonError("the server has not been started")
+        return self._process.argv
+
+    def log_tail(self, lines: int = 60) -> str:
+        return tail(self.log_path, lines)
+
+    def start(self) -> TritonServer:
+        if self._process is not None:
+            raise TritonError("the server is already running")
+        dist = triton_distribution()
+        env = python_env(self.env)
+        backends = python_backend_directory(dist, env.version)
+        self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-triton-"))
+        try:
+            repository = self._workdir / "model_repository"
+            stage_model_repository(self.model_repository, self.models, repository, env.prefix)
+            self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+            # A prefix of our own names this server's shared-memory regions, so stop() can
+            # remove them even if a stub had to be killed.
+            self._shm_prefix = f"llmserve-triton-{uuid.uuid4().hex[:12]}-"
+            argv = tritonserver_command(
+                str(repository),
+                self.models,
+                executable=str(dist.binary),
+                address="127.0.0.1",
+                http_port=self.http_port,
+                grpc_port=self.grpc_port,
+                metrics_port=self.metrics_port,
+                log_verbose=self.log_verbose,
+                backend_directory=str(backends),
+                backend_config={"python": {"shm-region-prefix-name": self._shm_prefix}},
+            )
+            proc_env = dict(os.environ)
+            proc_env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                p for p in (str(dist.libs), str(env.libdir), os.environ.get("LD_LIBRARY_PATH", "")) if p
+            )
+            self._process = LocalProcess(argv, self.log_path, env=proc_env, cwd=self._workdir)
+            self._process.start()
+            self._wait_ready()
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        """Poll server readiness, then each pinned model version, until ready or the deadline."""
+        assert self._process is not None
+        checks = [("server", f"{self.http_url}/v2/health/ready")] + [
+            (f"model {name} version {version}", f"{self.http_url}/v2/models/{name}/versions/{version}/ready")
+            for name, version in self.models.items()
+        ]
+        deadline = time.monotonic() + self.startup_timeout
+        pending = "server"
+        while checks:
+            code = self._process.returncode()
+            if code is not None:
+                raise TritonError(
+                    f"tritonserver exited with status {code} before {pending} was ready "
+                    f"(command: {' '.join(self._process.argv)})\n--- log tail ({self.log_path}) ---\n{self.log_tail()}"
+                )
+            pending, url = checks[0]
+            if _http_ok(url):
+                checks.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise TritonError(
+                    f"tritonserver: {pending} not ready after {self.startup_timeout:.0f}s ({url})\n"
+                    f"--- log tail ({self.log_path}) ---\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the server and its stubs, remove its shared memory and its working directory."""
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+        if self._shm_prefix:
+            for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+                region.unlink(missing_ok=True)
+            self._shm_prefix = ""
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
