@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from . import pki, toolchain
+from .procs import free_ports, tail
 from .paths import state_root
 
 SERVICE_CIDR = "10.96.0.0/16"
@@ -39,27 +40,6 @@ COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 
 class TestBedError(RuntimeError):
     """The test bed could not start or is not running; the message says which component and why."""
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (held open together so they cannot repeat)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
 
 
 def node_manifest(name: str, gpus: int, taints: list[dict] | None = None) -> dict:

@@ -1,6 +1,6 @@
 """Pure parts of the test bed: wrapper go.mod derivation, node manifests, free ports."""
 
-from llmserve.testbed.cluster import free_ports, node_manifest
+from llmserve.testbed.cluster import node_manifest
 from llmserve.testbed.toolchain import _local_replacements
 
 K8S_GOMOD = """module k8s.io/kubernetes
@@ -48,8 +48,3 @@ def test_node_manifest_advertises_gpus_and_is_managed_by_kwok():
     assert node["metadata"]["annotations"]["kwok.x-k8s.io/node"] == "fake"
     assert node["metadata"]["labels"]["nvidia.com/gpu.product"]
     assert node["spec"]["taints"][0]["key"] == "nvidia.com/gpu"
-
-
-def test_free_ports_are_distinct():
-    ports = free_ports(20)
-    assert len(set(ports)) == 20
