@@ -120,7 +120,7 @@ def _go() -> str:
 def _run(cmd: list[str], cwd: Path, log_path: Path, label: str) -> None:
     """Run a long build step; every 30 s print the elapsed time and how many output lines
     (modules downloaded, or packages compiled with ``go build -v``) it has produced."""
-    env = {**os.environ, "GOFLAGS": "-buildvcs=false", "CGO_ENABLED": "0"}
+    env = {**os.environ, "GOFLAGS": "-buildvcs=false"}
     started = time.monotonic()
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
