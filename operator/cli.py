@@ -13,6 +13,7 @@ import sys
 # Modules that define `add_commands(subparsers)`; each command sets `func(args) -> int`.
 COMMAND_MODULES = (
     "llmserve.testbed.cli",
+    "llmserve.controller.cli",
 )
 
 

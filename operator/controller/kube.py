@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import copy
 import json
 import os
 import ssl
@@ -192,6 +193,7 @@ class KubeClient:
         self.config = config
         self.field_manager = field_manager
         self.stats = RequestStats()
+        self._outer_stats: tuple[RequestStats, ...] = ()
         self._timeout = timeout
         self._user_agent = user_agent
         self._session = None
@@ -209,12 +211,20 @@ class KubeClient:
     async def __aexit__(self, *exc: object) -> None:
         await self._session.close()
 
+    def scoped(self) -> KubeClient:
+        """A view sharing this client's connections whose `stats` count only its own requests
+        (which still count in this client's stats too): the cost of one reconcile."""
+        view = copy.copy(self)
+        view.stats, view._outer_stats = RequestStats(), (*self._outer_stats, self.stats)
+        return view
+
     async def request(self, method: str, path: str, *, body: Any = None, params: dict | None = None,
                       content_type: str = "application/json") -> dict:
         """One request; returns the decoded JSON body or raises ApiError (or a network error)."""
         import aiohttp
 
-        self.stats.by_verb[method] += 1
+        for stats in (self.stats, *self._outer_stats):
+            stats.by_verb[method] += 1
         headers = {"Content-Type": content_type}
         if token := self.config.bearer():
             headers["Authorization"] = f"Bearer {token}"

@@ -1,0 +1,63 @@
+"""`llmserve operator run`: the LLMService operator (what the chart's Deployment runs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .. import __version__
+
+DEFAULT_PULLER_IMAGE = f"llmserve/llmserve:{__version__}"
+DEFAULT_PREDICTOR_IMAGE = f"llmserve/predictor:{__version__}"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("operator", help="run the LLMService operator")
+    sub = parser.add_subparsers(dest="operator_command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="reconcile LLMServices until stopped (SIGTERM/SIGINT)",
+                         description="Reconcile LLMServices into Triton Deployments, Services and "
+                                     "PodDisruptionBudgets. Only the replica holding the lease acts.")
+    run.add_argument("--namespace", "-n", action="append", default=[], dest="namespaces",
+                     help="watch only this namespace (repeatable; default: all namespaces)")
+    run.add_argument("--kubeconfig", help="credentials file (default: $KUBECONFIG, in-cluster, ~/.kube/config)")
+    run.add_argument("--no-leader-election", dest="leader_election", action="store_false",
+                     help="act without holding the lease (only for a single replica)")
+    run.add_argument("--lease-namespace", help="namespace of the lease (default: the credentials' namespace)")
+    run.add_argument("--lease-name", default="llmserve-operator")
+    run.add_argument("--lease-duration", type=float, default=30.0, metavar="SECONDS",
+                     help="how long a standby waits for a silent leader before taking over (default 30)")
+    run.add_argument("--health-address", default="0.0.0.0")
+    run.add_argument("--health-port", type=int, default=8081, help="serves /healthz and /metrics (default 8081)")
+    run.add_argument("--identity", default="", help="this replica's name in the lease (default: POD_NAME)")
+    run.add_argument("--puller-image", default=os.environ.get("LLMSERVE_PULLER_IMAGE", DEFAULT_PULLER_IMAGE),
+                     help="image of the model-puller init container ($LLMSERVE_PULLER_IMAGE)")
+    run.add_argument("--predictor-image", default=os.environ.get("LLMSERVE_PREDICTOR_IMAGE", DEFAULT_PREDICTOR_IMAGE),
+                     help="default predictor sidecar image ($LLMSERVE_PREDICTOR_IMAGE)")
+    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    run.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from ..cli import CommandError
+    from .kube import ConfigError
+    from .render import Images
+    from .runner import Options, run
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.lease_duration < 3:
+        raise CommandError("--lease-duration must be at least 3 seconds")
+    opts = Options(
+        namespaces=tuple(args.namespaces), images=Images(puller=args.puller_image, predictor=args.predictor_image),
+        kubeconfig=args.kubeconfig, leader_election=args.leader_election, lease_namespace=args.lease_namespace,
+        lease_name=args.lease_name, lease_duration=args.lease_duration, health_address=args.health_address,
+        health_port=args.health_port, identity=args.identity,
+    )
+    try:
+        return asyncio.run(run(opts))
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    except OSError as exc:  # e.g. the health port is taken
+        raise CommandError(f"cannot start the operator: {exc}") from exc

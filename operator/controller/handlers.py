@@ -1,0 +1,110 @@
+"""kopf wiring: watch indexes and handlers that only route events to the engine's reconcile.
+
+- Indexes keep the LLMServices and their children in memory from kopf's watch streams, so a
+  reconcile reads what it needs without a single API request. Children are watched with a
+  server-side label selector (`app.kubernetes.io/managed-by=llmserve`), so the operator never
+  lists the cluster's other Deployments, Services or pods.
+- `@on.resume` + `@on.create` + `@on.update` on LLMServices reconcile and let kopf retry failures
+  (`kopf.TemporaryError`). `@on.event` on children and pods reconciles their LLMService, which is
+  how a deleted or hand-edited child is repaired and how pod scheduling reaches the status.
+- No delete handler, daemon or timer: those would put a kopf finalizer on every LLMService.
+  Deletion is the garbage collector's job (ownerReferences).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from .engine import Engine, Key, RetryLater
+from .reconcile import Children
+from .spec import GROUP, LABEL_MANAGED_BY, LABEL_SERVICE, MANAGED_SELECTOR, MANAGER, PLURAL, VERSION
+from .status import pod_summary
+
+registry = kopf.OperatorRegistry()
+
+CHILD = {LABEL_MANAGED_BY: MANAGER, LABEL_SERVICE: kopf.PRESENT}
+CHILD_RESOURCES = (("apps", "v1", "deployments"), ("v1", "services"),
+                   ("policy", "v1", "poddisruptionbudgets"), ("v1", "pods"))
+
+
+def watch_settings(settings: kopf.OperatorSettings) -> None:
+    """Server-side filtering of the child watches, quiet logs-as-events, annotation-only storage."""
+    for resource in CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = MANAGED_SELECTOR
+    settings.posting.level = logging.ERROR  # kopf posts only errors as Events; ours say what we did
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="llmserve.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="llmserve.io", key="last-handled-configuration")
+
+
+@kopf.index(GROUP, VERSION, PLURAL, registry=registry)
+def llmservices(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels=CHILD, registry=registry)
+def deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_SERVICE]): dict(body)}
+
+
+@kopf.index("v1", "services", labels=CHILD, registry=registry)
+def services(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_SERVICE]): dict(body)}
+
+
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels=CHILD, registry=registry)
+def disruption_budgets(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_SERVICE]): dict(body)}
+
+
+@kopf.index("v1", "pods", labels=CHILD, registry=registry)
+def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_SERVICE]): pod_summary(dict(body))}
+
+
+def _bind(memo: kopf.Memo, indexes: dict[str, Any]) -> Engine:
+    """Point the engine at kopf's live indexes (kopf hands them only to handlers)."""
+    engine: Engine = memo.engine
+
+    def lookup(key: Key) -> tuple[dict | None, Children]:
+        parents = list(indexes["llmservices"].get(key, []))
+        return (parents[0] if parents else None), Children(
+            deployments=list(indexes["deployments"].get(key, [])),
+            services=list(indexes["services"].get(key, [])),
+            disruption_budgets=list(indexes["disruption_budgets"].get(key, [])),
+            pods=list(indexes["pods"].get(key, [])),
+        )
+
+    engine.lookup = lookup
+    return engine
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+@kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+@kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
+async def llmservice_changed(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    try:
+        await _bind(memo, kwargs).run_now((namespace, name))
+    except RetryLater as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD, registry=registry)
+@kopf.on.event("v1", "services", labels=CHILD, registry=registry)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD, registry=registry)
+@kopf.on.event("v1", "pods", labels=CHILD, registry=registry)
+async def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    _bind(memo, kwargs).poke((namespace, labels[LABEL_SERVICE]))
+
+
+@kopf.on.login(registry=registry)
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches use the same credentials as the engine's client (re-read on every 401, so a
+    rotated service-account token is picked up)."""
+    config = memo.engine.client.config
+    return kopf.ConnectionInfo(server=config.server, ca_data=config.ca_data, insecure=config.insecure,
+                               token=config.bearer(), certificate_data=config.cert_data,
+                               private_key_data=config.key_data, default_namespace=config.namespace)

@@ -1,0 +1,239 @@
+"""Desired children of an LLMService: pure functions from the spec to Kubernetes manifests.
+
+No I/O and no clock: the same spec always renders the same manifests, so the apply layer can
+compare them with what it observes and write nothing when they match. Rendered manifests carry
+only fields the operator means to own (server-side apply semantics): no empty maps or lists, no
+fields the API server would default differently.
+
+Children of `<name>` (DESIGN §3):
+- Deployment `<name>-v<version>`: one per served model version; its pods load only that version.
+- Service `<name>`: the entry point, the predictor's HTTP port on every ready pod of any track.
+- Service `<name>-stable` (and `<name>-canary` with issue 6): Triton's HTTP/gRPC/metrics and the
+  predictor of one track.
+- PodDisruptionBudget `<name>`: voluntary evictions take at most one pod at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..tritoncmd import GRPC_PORT, HTTP_PORT, METRICS_PORT, tritonserver_command
+from .spec import (
+    API_VERSION, KIND, LABEL_SERVICE, LABEL_TRACK, LABEL_VERSION, STABLE, Spec, child_labels,
+    deployment_name, track_service_name,
+)
+
+PREDICTOR_PORT = 8080
+MODELS_DIR, REPOSITORY_DIR = "/models", "/repository"
+STARTUP_PROBE_PERIOD = 10
+# The image's non-root user: tritonserver images run as triton-server (uid 1000); ours match.
+RUN_AS_USER = 1000
+
+
+@dataclass(frozen=True)
+class Images:
+    """Operator-wide images (chart values): the puller is the llmserve image itself."""
+
+    puller: str
+    predictor: str
+
+
+def owner_reference(spec: Spec) -> dict:
+    """Makes the LLMService the controller of a child: the garbage collector deletes the child with it."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": spec.name, "uid": spec.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(spec: Spec, name: str, version: int, track: str) -> dict:
+    return {"name": name, "namespace": spec.namespace, "labels": child_labels(spec.name, version, track),
+            "ownerReferences": [owner_reference(spec)]}
+
+
+def _nonempty(**fields) -> dict:
+    """Optional fields that have a value. The API server omits empty maps and lists, so sending
+    them would look like drift on every comparison."""
+    return {k: v for k, v in fields.items() if v not in ({}, [], None)}
+
+
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _http_probe(path: str, port: str, period: int, failures: int, timeout: int = 5) -> dict:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period,
+            "failureThreshold": failures, "timeoutSeconds": timeout}
+
+
+def puller_command(spec: Spec) -> list[str]:
+    """`llmserve pull`: copy exactly one version into /models and verify it against its manifest."""
+    source = f"{REPOSITORY_DIR}/{spec.repository.path}" if spec.repository.scheme == "pvc" else REPOSITORY_DIR
+    cmd = ["llmserve", "pull", "--source", source.rstrip("/"), "--model", spec.model,
+           "--version", str(spec.version), "--dest", MODELS_DIR]
+    return cmd + (["--sha256", spec.sha256] if spec.sha256 else [])
+
+
+def _repository_volume(spec: Spec) -> dict:
+    if spec.repository.scheme == "pvc":
+        return {"name": "repository",
+                "persistentVolumeClaim": {"claimName": spec.repository.claim, "readOnly": True}}
+    return {"name": "repository", "hostPath": {"path": spec.repository.path, "type": "Directory"}}
+
+
+def triton_container(spec: Spec) -> dict:
+    """Triton in explicit model-control mode; probes sized so a slow model load never restarts it.
+
+    The startup probe asks for this exact model version and tolerates `startupTimeout` of loading;
+    only after it passes do liveness (`/v2/health/live`) and readiness (`/v2/health/ready`, strict:
+    every loaded model ready) start, so a loading pod is neither killed nor sent traffic.
+    """
+    limits = dict(spec.resources.get("limits") or {})
+    if spec.gpus:
+        limits[spec.gpu_resource] = str(spec.gpus)
+    return {
+        "name": "tritonserver",
+        "image": spec.image,
+        "command": tritonserver_command(MODELS_DIR, [spec.model]),
+        "ports": [
+            {"name": "triton-http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "triton-grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "startupProbe": _http_probe(f"/v2/models/{spec.model}/versions/{spec.version}/ready", "triton-http",
+                                    STARTUP_PROBE_PERIOD,
+                                    max(1, math.ceil(spec.startup_timeout / STARTUP_PROBE_PERIOD))),
+        "readinessProbe": _http_probe("/v2/health/ready", "triton-http", 5, 3, timeout=3),
+        "livenessProbe": _http_probe("/v2/health/live", "triton-http", 10, 6),
+        "volumeMounts": [
+            {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": RESTRICTED_CONTAINER,
+        **_nonempty(resources=_nonempty(requests=spec.resources.get("requests"), limits=limits)),
+    }
+
+
+def predictor_container(spec: Spec, images: Images) -> dict:
+    """The OpenAI / V2 predictor (issue 5) in front of Triton's gRPC port on localhost."""
+    return {
+        "name": "predictor",
+        "image": spec.predictor_image or images.predictor,
+        "command": ["llmserve", "predictor", "--triton-grpc", f"localhost:{GRPC_PORT}",
+                    "--http-port", str(PREDICTOR_PORT), "--model", spec.model],
+        "ports": [{"name": "http", "containerPort": PREDICTOR_PORT, "protocol": "TCP"}],
+        "readinessProbe": _http_probe("/v2/health/ready", "http", 5, 3, timeout=3),
+        "livenessProbe": _http_probe("/v2/health/live", "http", 10, 6),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": RESTRICTED_CONTAINER,
+        **_nonempty(resources=_nonempty(**spec.predictor_resources)),
+    }
+
+
+def puller_container(spec: Spec, images: Images) -> dict:
+    return {
+        "name": "model-puller",
+        "image": images.puller,
+        "command": puller_command(spec),
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "volumeMounts": [
+            {"name": "repository", "mountPath": REPOSITORY_DIR, "readOnly": True},
+            {"name": "models", "mountPath": MODELS_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": RESTRICTED_CONTAINER,
+    }
+
+
+def deployment(spec: Spec, images: Images, *, track: str = STABLE, replicas: int | None = None) -> dict:
+    """The Deployment serving `spec.version` on `track` (issue 6 renders a canary with its share)."""
+    labels = child_labels(spec.name, spec.version, track)
+    pod_spec = {
+        "automountServiceAccountToken": False,
+        # Service links would inject ~7 variables per Service in the namespace into every pod.
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                            "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+        "initContainers": [puller_container(spec, images)],
+        "containers": [triton_container(spec), predictor_container(spec, images)],
+        "volumes": [
+            _repository_volume(spec),
+            {"name": "models", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
+        ],
+        **_nonempty(nodeSelector=spec.node_selector, tolerations=spec.tolerations, affinity=spec.affinity,
+                    imagePullSecrets=spec.image_pull_secrets),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(spec, deployment_name(spec.name, spec.version), spec.version, track),
+        "spec": {
+            "replicas": spec.replicas if replicas is None else replicas,
+            "selector": {"matchLabels": {LABEL_SERVICE: spec.name, LABEL_VERSION: str(spec.version)}},
+            "revisionHistoryLimit": 2,
+            # A new pod must be Ready before an old one goes: a GPU-starved change stalls (and is
+            # reported Unschedulable) rather than taking the service down.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "progressDeadlineSeconds": int(spec.startup_timeout) + 300,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def entry_service(spec: Spec) -> dict:
+    """`<name>`: the predictor on every ready pod of the service, whatever its track."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec, spec.name, spec.version, STABLE),
+        "spec": {
+            "selector": {LABEL_SERVICE: spec.name},
+            "ports": [{"name": "http", "port": PREDICTOR_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def track_service(spec: Spec, track: str = STABLE) -> dict:
+    """`<name>-<track>`: the predictor and Triton's own ports of one track."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec, track_service_name(spec.name, track), spec.version, track),
+        "spec": {
+            "selector": {LABEL_SERVICE: spec.name, LABEL_TRACK: track},
+            "ports": [
+                {"name": "http", "port": PREDICTOR_PORT, "targetPort": "http", "protocol": "TCP"},
+                {"name": "triton-http", "port": HTTP_PORT, "targetPort": "triton-http", "protocol": "TCP"},
+                {"name": "triton-grpc", "port": GRPC_PORT, "targetPort": "triton-grpc", "protocol": "TCP",
+                 "appProtocol": "grpc"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def disruption_budget(spec: Spec) -> dict:
+    """At most one pod evicted at a time; pods that never became ready may always be evicted, so a
+    broken version cannot block a node drain."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(spec, spec.name, spec.version, STABLE),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": {LABEL_SERVICE: spec.name}},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def desired_children(spec: Spec, images: Images) -> list[dict]:
+    """Every child the LLMService should have, in the order they are applied."""
+    return [deployment(spec, images), entry_service(spec), track_service(spec, STABLE), disruption_budget(spec)]

@@ -1,0 +1,137 @@
+"""The operator process: credentials, health/metrics endpoint, leader election, then kopf.
+
+Order matters: the health endpoint answers from the first second (a standby replica is healthy,
+not dead), kopf starts only once this replica holds the lease, and losing the lease stops kopf and
+exits non-zero so the kubelet restarts the process as a fresh standby.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass
+
+from .engine import Engine
+from .kube import KubeClient, load_config
+from .leader import LeaseElector
+from .render import Images
+
+log = logging.getLogger("llmserve.operator")
+
+
+@dataclass(frozen=True)
+class Options:
+    namespaces: tuple[str, ...]  # empty: every namespace
+    images: Images
+    kubeconfig: str | None = None
+    leader_election: bool = True
+    lease_namespace: str | None = None  # default: the credentials' namespace
+    lease_name: str = "llmserve-operator"
+    lease_duration: float = 30.0
+    health_address: str = "0.0.0.0"
+    health_port: int = 8081
+    identity: str = ""
+
+
+def default_identity() -> str:
+    """Pod name when in a pod (the chart sets POD_NAME), else host + random suffix."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+def metrics_text(engine: Engine, leading: bool, client: KubeClient) -> str:
+    """Prometheus text exposition of the operator's own counters."""
+    m = engine.metrics
+    lines = [
+        "# TYPE llmserve_operator_leader gauge", f"llmserve_operator_leader {int(leading)}",
+        "# TYPE llmserve_operator_reconciles_total counter", f"llmserve_operator_reconciles_total {m.reconciles}",
+        "# TYPE llmserve_operator_reconcile_failures_total counter",
+        f"llmserve_operator_reconcile_failures_total {m.failures}",
+        "# TYPE llmserve_operator_reconcile_requests_total counter",
+        f"llmserve_operator_reconcile_requests_total {m.requests}",
+        "# TYPE llmserve_operator_reconcile_writes_total counter",
+        f"llmserve_operator_reconcile_writes_total {m.writes}",
+        "# TYPE llmserve_operator_reconcile_requests_max gauge",
+        f"llmserve_operator_reconcile_requests_max {m.max_requests}",
+        "# TYPE llmserve_operator_api_requests_total counter",
+    ]
+    lines += [f'llmserve_operator_api_requests_total{{verb="{verb}"}} {n}'
+              for verb, n in sorted(client.stats.by_verb.items())]
+    return "\n".join(lines) + "\n"
+
+
+async def _serve_health(opts: Options, engine: Engine, client: KubeClient, leading) -> object:
+    from aiohttp import web
+
+    async def healthz(_request):
+        return web.json_response({"status": "ok", "leader": leading()})
+
+    async def metrics(_request):
+        return web.Response(text=metrics_text(engine, leading(), client), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, opts.health_address, opts.health_port).start()
+    return runner
+
+
+async def run(opts: Options) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until the lease is lost (exit 1)."""
+    import kopf
+
+    from . import handlers
+
+    config = load_config(opts.kubeconfig)
+    identity = opts.identity or default_identity()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with KubeClient(config) as client:
+        engine = Engine(client, opts.images, identity)
+        elector = None
+        if opts.leader_election:
+            elector = LeaseElector(client, opts.lease_namespace or config.namespace, opts.lease_name, identity,
+                                   duration=opts.lease_duration, renew_every=opts.lease_duration / 3)
+        health = await _serve_health(opts, engine, client, lambda: elector.leading if elector else True)
+        try:
+            if elector and not await _first(elector.acquire(), stop.wait()):
+                return 0
+            settings = kopf.OperatorSettings()
+            handlers.watch_settings(settings)
+            settings.posting.reporting_component = "llmserve-operator"
+            settings.posting.reporting_instance = identity
+            operator = asyncio.create_task(kopf.operator(
+                registry=handlers.registry, settings=settings, standalone=True,
+                clusterwide=not opts.namespaces, namespaces=list(opts.namespaces),
+                stop_flag=stop, memo=kopf.Memo(engine=engine),
+            ))
+            lost = False
+            if elector:
+                holder = asyncio.create_task(elector.hold())
+                await asyncio.wait({operator, holder}, return_when=asyncio.FIRST_COMPLETED)
+                lost = holder.done()
+                stop.set()
+                holder.cancel()
+            await operator
+            if elector and not lost:
+                await elector.release()
+            return 1 if lost else 0
+        finally:
+            await health.cleanup()
+
+
+async def _first(wanted, other) -> bool:
+    """Await `wanted` unless `other` finishes first; True if `wanted` finished."""
+    tasks = [asyncio.ensure_future(wanted), asyncio.ensure_future(other)]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return tasks[0] in done

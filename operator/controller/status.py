@@ -1,0 +1,201 @@
+"""LLMService status derived from what was observed: pure functions, no I/O, clock passed in.
+
+Conditions (all three always present, metav1.Condition shape):
+- Ready: the requested replicas of the requested version are ready to serve.
+- Progressing: the operator is still moving the children toward the spec.
+- Degraded: something needs a person: pods that cannot be scheduled (the scheduler's own message),
+  a model that fails to pull or load, an image that cannot be pulled, a child name owned by
+  someone else, an API error. The reason says which, the message says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import conditions as cond
+from .conditions import FALSE, TRUE, Condition
+from .render import PREDICTOR_PORT
+from .spec import LABEL_TRACK, LABEL_VERSION, Spec, deployment_name, pod_selector
+
+READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+
+_IMAGE_WAITING = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName"})
+_FAILING_WAITING = frozenset({"CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError",
+                              "RunContainerError"})
+# When pods have several troubles, the one a person must fix first.
+_SEVERITY = ("ModelPullFailed", "ImagePullFailed", "ContainerFailing", "Unschedulable")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something the reconcile itself could not do (conflicting child, API error)."""
+
+    reason: str
+    message: str
+
+
+def _last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _container_trouble(statuses: list[dict] | None, init: bool) -> tuple[str, str] | None:
+    """Why a container cannot run: an image that cannot be pulled, or a process that keeps failing
+    (for the init container: the model puller refusing the artifact)."""
+    for cs in statuses or []:
+        state, name = cs.get("state") or {}, cs.get("name")
+        waiting, terminated = state.get("waiting") or {}, state.get("terminated") or {}
+        if waiting.get("reason") in _IMAGE_WAITING:
+            return "ImagePullFailed", f"container {name}: {waiting.get('message') or waiting['reason']}"
+        if terminated.get("exitCode"):
+            failure = terminated
+        elif waiting.get("reason") in _FAILING_WAITING:
+            failure = (cs.get("lastState") or {}).get("terminated") or waiting
+        else:
+            continue
+        detail = _last_line(failure.get("message")) or failure.get("reason") or waiting.get("reason")
+        code = failure.get("exitCode")
+        text = f"container {name} exited {code}: {detail}" if code else f"container {name}: {detail}"
+        return ("ModelPullFailed" if init else "ContainerFailing"), text
+    return None
+
+
+def pod_summary(pod: dict) -> dict:
+    """What the status needs from a pod (kept in the operator's index instead of the whole pod)."""
+    meta, status = pod["metadata"], pod.get("status") or {}
+    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    trouble = None
+    scheduled = conds.get("PodScheduled") or {}
+    if scheduled.get("status") == FALSE and scheduled.get("reason") == "Unschedulable":
+        trouble = ("Unschedulable", scheduled.get("message") or "no node fits the pod")
+    trouble = (_container_trouble(status.get("initContainerStatuses"), init=True)
+               or _container_trouble(status.get("containerStatuses"), init=False) or trouble)
+    return {
+        "name": meta["name"],
+        "version": (meta.get("labels") or {}).get(LABEL_VERSION),
+        "track": (meta.get("labels") or {}).get(LABEL_TRACK),
+        "ready": (conds.get("Ready") or {}).get("status") == TRUE,
+        "deleting": bool(meta.get("deletionTimestamp")),
+        "trouble": list(trouble) if trouble else None,
+    }
+
+
+def _deployment_counts(dep: dict | None) -> dict:
+    status = (dep or {}).get("status") or {}
+    meta = (dep or {}).get("metadata") or {}
+    progressing = next((c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), {})
+    return {
+        "replicas": status.get("replicas", 0),
+        "ready": status.get("readyReplicas", 0),
+        "updated": status.get("updatedReplicas", 0),
+        "available": status.get("availableReplicas", 0),
+        "settled": dep is not None and status.get("observedGeneration", 0) >= meta.get("generation", 1),
+        "deadline": progressing.get("reason") == "ProgressDeadlineExceeded",
+    }
+
+
+def _pod_trouble(spec: Spec, pods: list[dict]) -> tuple[str, str] | None:
+    """The most severe trouble among the current version's live pods, with how many share it."""
+    live = [p for p in pods if p["version"] == str(spec.version) and not p["deleting"]]
+    troubled = [p["trouble"] for p in live if p["trouble"]]
+    if not troubled:
+        return None
+    reason = min((t[0] for t in troubled), key=_SEVERITY.index)
+    same = [t for t in troubled if t[0] == reason]
+    return reason, (f"{len(same)} of {len(live)} pods of {deployment_name(spec.name, spec.version)}: "
+                    f"{same[0][1]}")
+
+
+@dataclass
+class Observation:
+    """The children of one LLMService as last seen (after this reconcile's own writes)."""
+
+    deployments: list[dict] = field(default_factory=list)
+    pods: list[dict] = field(default_factory=list)  # pod_summary() of each pod
+    problems: list[Problem] = field(default_factory=list)
+
+
+def compute(spec: Spec, seen: Observation, previous: dict | None, now: str) -> dict:
+    """The full status block the LLMService should have."""
+    current = next((d for d in seen.deployments
+                    if d["metadata"]["name"] == deployment_name(spec.name, spec.version)), None)
+    others = sorted(d["metadata"]["name"] for d in seen.deployments if d is not current)
+    counts = _deployment_counts(current)
+    want = spec.replicas
+    ready = (current is not None and counts["settled"] and want > 0
+             and min(counts["updated"], counts["ready"], counts["available"]) >= want)
+    trouble = _pod_trouble(spec, seen.pods)
+    what = f"{spec.model} v{spec.version}"
+
+    if seen.problems:
+        degraded = Condition(DEGRADED, TRUE, seen.problems[0].reason, "; ".join(p.message for p in seen.problems))
+    elif trouble:
+        degraded = Condition(DEGRADED, TRUE, *trouble)
+    elif counts["deadline"] and not ready:
+        degraded = Condition(DEGRADED, TRUE, "ProgressDeadlineExceeded",
+                             f"{current['metadata']['name']} made no progress within its deadline")
+    else:
+        degraded = Condition(DEGRADED, FALSE, "Healthy", "")
+
+    if ready:
+        readiness = Condition(READY, TRUE, "Available", f"{counts['ready']}/{want} replicas of {what} ready")
+    elif want == 0:
+        readiness = Condition(READY, FALSE, "ScaledToZero", f"{what} has 0 replicas")
+    elif degraded.status == TRUE:
+        readiness = Condition(READY, FALSE, degraded.reason, degraded.message)
+    elif current is None:
+        readiness = Condition(READY, FALSE, "Creating", f"creating {deployment_name(spec.name, spec.version)}")
+    else:
+        readiness = Condition(READY, FALSE, "ReplicasNotReady", f"{counts['ready']}/{want} replicas of {what} ready")
+
+    if others:
+        progressing = Condition(PROGRESSING, TRUE, "VersionChange",
+                                f"{', '.join(others)} will be removed once {what} is available")
+    elif counts["deadline"] and not ready:
+        progressing = Condition(PROGRESSING, FALSE, "ProgressDeadlineExceeded", degraded.message)
+    elif not ready and want > 0:
+        progressing = Condition(PROGRESSING, TRUE, "ReplicasStarting", readiness.message)
+    else:
+        progressing = Condition(PROGRESSING, FALSE, "Complete", f"{what} is rolled out")
+
+    stable = {"version": spec.version, "deployment": deployment_name(spec.name, spec.version),
+              "replicas": want, "readyReplicas": counts["ready"]}
+    if spec.sha256:
+        stable["sha256"] = spec.sha256
+    return {
+        "observedGeneration": spec.generation,
+        "conditions": cond.merge((previous or {}).get("conditions"), [readiness, progressing, degraded],
+                                 generation=spec.generation, now=now),
+        "stable": stable,
+        "replicas": sum(_deployment_counts(d)["replicas"] for d in seen.deployments),
+        "selector": pod_selector(spec.name),
+        "endpoint": f"http://{spec.name}.{spec.namespace}.svc:{PREDICTOR_PORT}",
+    }
+
+
+def invalid(previous: dict | None, generation: int, message: str, now: str) -> dict:
+    """Status of an object the operator cannot render (what CEL could not rule out)."""
+    return {
+        **{k: v for k, v in (previous or {}).items() if k != "conditions"},
+        "observedGeneration": generation,
+        "conditions": cond.merge((previous or {}).get("conditions"), [
+            Condition(READY, FALSE, "InvalidSpec", message),
+            Condition(PROGRESSING, FALSE, "InvalidSpec", message),
+            Condition(DEGRADED, TRUE, "InvalidSpec", message),
+        ], generation=generation, now=now),
+    }
+
+
+def transition_events(previous: dict | None, new: dict) -> list[tuple[str, str, str]]:
+    """(type, reason, message) Events worth posting because a condition changed meaning."""
+    before, events = (previous or {}).get("conditions"), []
+    ready_now, ready_was = cond.find(new["conditions"], READY), cond.find(before, READY)
+    if ready_now["status"] == TRUE and (not ready_was or ready_was.get("status") != TRUE):
+        events.append(("Normal", "Ready", ready_now["message"]))
+    elif ready_now["status"] != TRUE and ready_was and ready_was.get("status") == TRUE:
+        events.append(("Warning", "NotReady", ready_now["message"]))
+    deg_now, deg_was = cond.find(new["conditions"], DEGRADED), cond.find(before, DEGRADED)
+    if deg_now["status"] == TRUE and (not deg_was or (deg_was.get("status"), deg_was.get("reason"))
+                                      != (TRUE, deg_now["reason"])):
+        events.append(("Warning", deg_now["reason"], deg_now["message"]))
+    return events
