@@ -131,8 +131,15 @@ class Prometheus:
         return self
 
     def _wait_ready(self) -> None:
+        """Wait until Prometheus answers and has picked up every target.
+
+        ``/-/ready`` turns true before the scrape manager applies the configuration (it reloads
+        every few seconds), so readiness alone does not mean the targets are being scraped.
+        """
         assert self._process is not None
+        expected = len(self.config["scrape_configs"][0]["static_configs"])
         deadline = time.monotonic() + self.startup_timeout
+        waiting_for = f"{self.url}/-/ready"
         while True:
             code = self._process.returncode()
             if code is not None:
@@ -143,12 +150,14 @@ class Prometheus:
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
                     if response.status == 200:
-                        return
+                        waiting_for = f"{expected} active targets in {self.url}/api/v1/targets"
+                        if len(self.target_health()) == expected:
+                            return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
                 raise PrometheusError(
-                    f"prometheus not ready after {self.startup_timeout:.0f}s ({self.url}/-/ready)\n"
+                    f"prometheus not ready after {self.startup_timeout:.0f}s (waiting for {waiting_for})\n"
                     f"--- log tail ({self.log_path}) ---\n{self.log_tail()}"
                 )
             time.sleep(0.2)

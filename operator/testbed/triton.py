@@ -9,10 +9,11 @@ Triton container image and are handled here:
   directory of ``libtriton_python.so``, so we assemble a backend directory with the matching stub
   under ``cache_root()/triton/`` (never writing into site-packages) and pass
   ``--backend-directory``.
-- Shared libraries. The binaries find the wheel's bundled libraries through an ``$ORIGIN``
-  RPATH that no longer holds once copied, so ``LD_LIBRARY_PATH`` names ``nvidia_pytriton.libs``.
-  The stub embeds ``libpython3.X.so``; the serving interpreter's own ``LIBDIR`` goes on the path
-  too so the stub runs the same Python build as the venv, not whichever one the system has.
+- Shared libraries. The backend and stub find the wheel's bundled libraries through an
+  ``$ORIGIN`` RPATH that no longer holds once copied, so ``LD_LIBRARY_PATH`` names
+  ``nvidia_pytriton.libs``. The stub embeds ``libpython3.X.so``; the serving interpreter's own
+  ``LIBDIR`` goes on the path too so the stub runs the same Python build as the venv, not
+  whichever one the system has.
 - Python packages. The image's Python has what its models import; here the models must see the
   llmserve venv. Each staged ``config.pbtxt`` gets the python backend's ``EXECUTION_ENV_PATH``
   parameter pointing at the venv: the backend then starts the stub after ``source
@@ -160,11 +161,11 @@ def python_backend_directory(dist: TritonDistribution, python_version: str) -> P
     return backends
 
 
-def stage_model_repository(source: Path, models: Mapping[str, int], destination: Path, env: Path) -> None:
+def stage_model_repository(source: Path, models: Mapping[str, int], destination: Path, venv: Path) -> None:
     """Copy ``<model>/config.pbtxt`` and ``<model>/<version>/`` of each model into ``destination``.
 
     Like the pod's init container, only the served version is copied. The staged config gains an
-    ``EXECUTION_ENV_PATH`` parameter naming ``env`` unless the model already chose its own.
+    ``EXECUTION_ENV_PATH`` parameter naming ``venv`` unless the model already chose its own.
     """
     for name, version in models.items():
         model_dir = source / name
@@ -179,8 +180,8 @@ def stage_model_repository(source: Path, models: Mapping[str, int], destination:
         text = config.read_text()
         if EXECUTION_ENV_PARAMETER not in text:
             text += (
-                f'\n# Added by llmserve.testbed.triton: run this model in {env}.\n'
-                f'parameters: {{ key: "{EXECUTION_ENV_PARAMETER}" value: {{ string_value: "{env}" }} }}\n'
+                f'\n# Added by llmserve.testbed.triton: run this model in {venv}.\n'
+                f'parameters: {{ key: "{EXECUTION_ENV_PARAMETER}" value: {{ string_value: "{venv}" }} }}\n'
             )
         (target / "config.pbtxt").write_text(text)
 
@@ -196,7 +197,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 class TritonServer:
     """One local ``tritonserver`` serving pinned model versions, on free loopback ports.
 
-    ``models`` maps model name to version, like an ``LLMService``'s model spec. ``env`` is the
+    ``models`` maps model name to version, like an ``LLMService``'s model spec. ``venv`` is the
     Python environment python-backend models run in (default: the running interpreter's).
     ``start`` returns once the server and every model report ready, or raises ``TritonError``
     with the log tail.
@@ -207,7 +208,7 @@ class TritonServer:
         model_repository: str | os.PathLike[str],
         models: Mapping[str, int],
         *,
-        env: str | os.PathLike[str] | None = None,
+        venv: str | os.PathLike[str] | None = None,
         startup_timeout: float = 120.0,
         log_verbose: int = 0,
     ) -> None:
@@ -215,7 +216,7 @@ class TritonServer:
             raise ValueError("name at least one model to load")
         self.model_repository = Path(model_repository)
         self.models = dict(models)
-        self.env = Path(env if env is not None else sys.prefix)
+        self.venv = Path(venv if venv is not None else sys.prefix)
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self._workdir: Path | None = None
@@ -265,7 +266,7 @@ class TritonServer:
         if self._process is not None:
             raise TritonError("the server is already running")
         dist = triton_distribution()
-        env = python_env(self.env)
+        env = python_env(self.venv)
         backends = python_backend_directory(dist, env.version)
         self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-triton-"))
         try:
