@@ -1,0 +1,158 @@
+"""The pure builder: LLMService spec -> desired children."""
+
+import pytest
+
+from llmserve.controller.render import Images, desired_children, puller_command
+from llmserve.controller.spec import Repository, Spec
+from llmserve.tritoncmd import tritonserver_command
+
+IMAGES = Images(puller="llmserve/llmserve:test", predictor="llmserve/predictor:test")
+STANDARD_LABELS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by",
+                   "llmserve.io/service", "llmserve.io/model-version", "llmserve.io/track"}
+
+
+def make(spec=None, **meta):
+    obj = {"metadata": {"name": "chat", "namespace": "team-a", "uid": "uid-1", "generation": 4, **meta},
+           "spec": {"model": {"name": "tiny-gpt", "repository": "pvc://models/model_repo", "version": 3},
+                    **(spec or {})}}
+    return Spec.from_object(obj)
+
+
+def children(spec=None):
+    return {(c["kind"], c["metadata"]["name"]): c for c in desired_children(make(spec), IMAGES)}
+
+
+def pod(spec=None):
+    return children(spec)["Deployment", "chat-v3"]["spec"]["template"]["spec"]
+
+
+def container(spec, name):
+    return next(c for c in pod(spec)["containers"] + pod(spec)["initContainers"] if c["name"] == name)
+
+
+def test_children_names_labels_and_owner():
+    kids = children()
+    assert set(kids) == {("Deployment", "chat-v3"), ("Service", "chat"), ("Service", "chat-stable"),
+                         ("PodDisruptionBudget", "chat")}
+    for child in kids.values():
+        meta = child["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert STANDARD_LABELS <= set(meta["labels"])
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "llmserve"
+        assert meta["ownerReferences"] == [{"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
+                                            "name": "chat", "uid": "uid-1", "controller": True,
+                                            "blockOwnerDeletion": True}]
+    template = kids["Deployment", "chat-v3"]["spec"]["template"]
+    assert template["metadata"]["labels"]["llmserve.io/track"] == "stable"
+    assert template["metadata"]["labels"]["llmserve.io/model-version"] == "3"
+
+
+def test_selectors_tie_each_deployment_to_one_version_and_services_to_tracks():
+    kids = children()
+    assert kids["Deployment", "chat-v3"]["spec"]["selector"]["matchLabels"] == {
+        "llmserve.io/service": "chat", "llmserve.io/model-version": "3"}
+    assert kids["Service", "chat"]["spec"]["selector"] == {"llmserve.io/service": "chat"}
+    assert kids["Service", "chat"]["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    stable = kids["Service", "chat-stable"]["spec"]
+    assert stable["selector"] == {"llmserve.io/service": "chat", "llmserve.io/track": "stable"}
+    assert [p["port"] for p in stable["ports"]] == [8080, 8000, 8001, 8002]
+    pdb = kids["PodDisruptionBudget", "chat"]["spec"]
+    assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_pod_security_is_restricted():
+    spec = pod()
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    for c in spec["containers"] + spec["initContainers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/tmp" in mounts  # writable scratch despite the read-only root
+    assert {v["name"]: v.get("emptyDir") for v in spec["volumes"]}["dshm"] == {"medium": "Memory",
+                                                                            "sizeLimit": "256Mi"}
+
+
+def test_triton_uses_the_shared_command_and_gpu_resources():
+    triton = container({"runtime": {"gpus": 2, "resources": {"limits": {"memory": "16Gi"},
+                                                             "requests": {"cpu": "4"}}}}, "tritonserver")
+    assert triton["command"] == tritonserver_command("/models", ["tiny-gpt"])
+    assert triton["resources"] == {"requests": {"cpu": "4"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": "2"}}
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in triton["volumeMounts"]
+
+
+def test_cpu_only_pods_ask_for_no_gpu_and_render_no_empty_resources():
+    triton = container({"runtime": {"gpus": 0}}, "tritonserver")
+    assert "resources" not in triton
+    assert "resources" not in container(None, "predictor")
+
+
+def test_probes_are_sized_to_the_model_load_time():
+    triton = container({"runtime": {"startupTimeout": "25m"}}, "tritonserver")
+    startup = triton["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/models/tiny-gpt/versions/3/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 25 * 60
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    deployment = children({"runtime": {"startupTimeout": "25m"}})["Deployment", "chat-v3"]
+    assert deployment["spec"]["progressDeadlineSeconds"] > 25 * 60
+
+
+def test_placement_comes_from_the_spec_and_is_omitted_when_empty():
+    placement = {"nodeSelector": {"nvidia.com/gpu.product": "A100"},
+                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                 "affinity": {"nodeAffinity": {"x": 1}}, "imagePullSecrets": [{"name": "ngc"}]}
+    spec = pod({"runtime": placement})
+    for key, value in placement.items():
+        assert spec[key] == value
+    assert not set(placement) & set(pod())
+
+
+def test_puller_fetches_exactly_one_version_and_verifies_the_digest():
+    digest = "a" * 64
+    puller = container({"model": {"name": "tiny-gpt", "repository": "pvc://models/model_repo", "version": 3,
+                                  "sha256": digest}}, "model-puller")
+    assert puller["image"] == IMAGES.puller
+    assert puller["command"] == ["llmserve", "pull", "--source", "/repository/model_repo", "--model", "tiny-gpt",
+                                 "--version", "3", "--dest", "/models", "--sha256", digest]
+    volumes = {v["name"]: v for v in pod()["volumes"]}
+    assert volumes["repository"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+
+
+def test_file_repositories_mount_the_host_directory():
+    spec = make({"model": {"name": "m", "repository": "file:///srv/repo", "version": 1}})
+    assert puller_command(spec)[:4] == ["llmserve", "pull", "--source", "/repository"]
+    deployment = desired_children(spec, IMAGES)[0]
+    volume = deployment["spec"]["template"]["spec"]["volumes"][0]
+    assert volume == {"name": "repository", "hostPath": {"path": "/srv/repo", "type": "Directory"}}
+
+
+def test_predictor_sidecar_contract():
+    predictor = container({"predictor": {"image": "custom/predictor:1"}}, "predictor")
+    assert predictor["image"] == "custom/predictor:1"
+    assert predictor["command"] == ["llmserve", "predictor", "--triton-grpc", "localhost:8001",
+                                    "--http-port", "8080", "--model", "tiny-gpt"]
+    assert container(None, "predictor")["image"] == IMAGES.predictor
+
+
+def test_rendering_is_deterministic():
+    assert desired_children(make(), IMAGES) == desired_children(make(), IMAGES)
+
+
+@pytest.mark.parametrize("uri,expected", [
+    ("pvc://models/model_repo", Repository("pvc", "model_repo", claim="models")),
+    ("pvc://models", Repository("pvc", "", claim="models")),
+    ("file:///srv/repo/", Repository("file", "/srv/repo")),
+])
+def test_repository_uris(uri, expected):
+    assert Repository.parse(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/repo", "file://host/repo", "/srv/repo", "pvc:///x"])
+def test_unsupported_repository_uris(uri):
+    with pytest.raises(ValueError, match="unsupported repository"):
+        Repository.parse(uri)

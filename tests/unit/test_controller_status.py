@@ -1,0 +1,157 @@
+"""Status derived from observed children: conditions, reasons, transitions, events."""
+
+from llmserve.controller import conditions
+from llmserve.controller.conditions import Condition
+from llmserve.controller.spec import Spec
+from llmserve.controller.status import Observation, Problem, compute, invalid, pod_summary, transition_events
+
+T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def spec(replicas=2, version=3):
+    return Spec.from_object({"metadata": {"name": "chat", "namespace": "ns", "uid": "u", "generation": 7},
+                             "spec": {"replicas": replicas,
+                                      "model": {"name": "tiny", "repository": "pvc://m/r", "version": version}}})
+
+
+def deployment(version=3, ready=2, replicas=2, generation=1, observed=1, deadline=False):
+    conds = [{"type": "Progressing", "status": "False" if deadline else "True",
+              "reason": "ProgressDeadlineExceeded" if deadline else "NewReplicaSetAvailable"}]
+    return {"metadata": {"name": f"chat-v{version}", "generation": generation},
+            "status": {"observedGeneration": observed, "replicas": replicas, "readyReplicas": ready,
+                       "updatedReplicas": replicas, "availableReplicas": ready, "conditions": conds}}
+
+
+def pod(version=3, ready=False, **status):
+    return pod_summary({"metadata": {"name": f"chat-v{version}-abc", "labels": {
+        "llmserve.io/model-version": str(version), "llmserve.io/track": "stable"}},
+        "status": {"conditions": [{"type": "Ready", "status": str(ready)}], **status}})
+
+
+UNSCHEDULABLE = {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                 "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}
+
+
+def conds(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_ready_when_all_replicas_of_the_version_are_available():
+    status = compute(spec(), Observation(deployments=[deployment()]), None, T0)
+    assert conds(status) == {"Ready": ("True", "Available"), "Progressing": ("False", "Complete"),
+                             "Degraded": ("False", "Healthy")}
+    assert status["observedGeneration"] == 7
+    assert status["stable"] == {"version": 3, "deployment": "chat-v3", "replicas": 2, "readyReplicas": 2}
+    assert status["replicas"] == 2
+    assert status["selector"] == "llmserve.io/service=chat,app.kubernetes.io/managed-by=llmserve"
+    assert status["endpoint"] == "http://chat.ns.svc:8080"
+    assert all(c["observedGeneration"] == 7 and c["lastTransitionTime"] == T0 for c in status["conditions"])
+
+
+def test_creating_and_starting():
+    assert conds(compute(spec(), Observation(), None, T0))["Ready"] == ("False", "Creating")
+    starting = compute(spec(), Observation(deployments=[deployment(ready=1)], pods=[pod(ready=True), pod()]),
+                       None, T0)
+    assert conds(starting)["Ready"] == ("False", "ReplicasNotReady")
+    assert conds(starting)["Progressing"] == ("True", "ReplicasStarting")
+    assert "1/2 replicas" in starting["conditions"][0]["message"]
+    stale = compute(spec(), Observation(deployments=[deployment(generation=2, observed=1)]), None, T0)
+    assert conds(stale)["Ready"][0] == "False"
+
+
+def test_unschedulable_pods_report_the_schedulers_reason():
+    status = compute(spec(), Observation(deployments=[deployment(ready=0)], pods=[pod(**UNSCHEDULABLE)] * 2),
+                     None, T0)
+    ready, degraded = status["conditions"][0], status["conditions"][2]
+    assert (degraded["status"], degraded["reason"]) == ("True", "Unschedulable")
+    assert degraded["message"] == "2 of 2 pods of chat-v3: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "Unschedulable", degraded["message"])
+
+
+def test_model_pull_failure_outranks_scheduling_and_names_the_container():
+    refused = {"initContainerStatuses": [{"name": "model-puller", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                                          "lastState": {"terminated": {"exitCode": 3, "message":
+                                                                       "copying\nsha256 mismatch: 1/model.onnx"}}}]}
+    status = compute(spec(), Observation(deployments=[deployment(ready=0)],
+                                         pods=[pod(**UNSCHEDULABLE), pod(**refused)]), None, T0)
+    degraded = status["conditions"][2]
+    assert degraded["reason"] == "ModelPullFailed"
+    assert degraded["message"] == "1 of 2 pods of chat-v3: container model-puller exited 3: sha256 mismatch: 1/model.onnx"
+
+
+def test_image_and_crash_troubles():
+    image = {"containerStatuses": [{"name": "tritonserver", "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "Back-off pulling image"}}}]}
+    assert pod(**image)["trouble"] == ["ImagePullFailed", "container tritonserver: Back-off pulling image"]
+    crash = {"containerStatuses": [{"name": "tritonserver", "state": {"terminated": {"exitCode": 1,
+                                                                                    "reason": "Error"}}}]}
+    assert pod(**crash)["trouble"] == ["ContainerFailing", "container tritonserver exited 1: Error"]
+    assert pod(ready=True)["trouble"] is None
+
+
+def test_pods_of_other_versions_or_terminating_do_not_degrade():
+    old = pod(version=2, **UNSCHEDULABLE)
+    status = compute(spec(), Observation(deployments=[deployment()], pods=[old]), None, T0)
+    assert conds(status)["Degraded"] == ("False", "Healthy")
+
+
+def test_progress_deadline():
+    status = compute(spec(), Observation(deployments=[deployment(ready=1, deadline=True)]), None, T0)
+    assert conds(status)["Degraded"] == ("True", "ProgressDeadlineExceeded")
+    assert conds(status)["Progressing"] == ("False", "ProgressDeadlineExceeded")
+
+
+def test_scaled_to_zero_is_not_ready_but_complete():
+    status = compute(spec(replicas=0), Observation(deployments=[deployment(ready=0, replicas=0)]), None, T0)
+    assert conds(status)["Ready"] == ("False", "ScaledToZero")
+    assert conds(status)["Progressing"] == ("False", "Complete")
+
+
+def test_old_version_keeps_serving_while_the_new_one_starts():
+    status = compute(spec(version=4), Observation(deployments=[deployment(version=3),
+                                                               deployment(version=4, ready=0)]), None, T0)
+    assert conds(status)["Progressing"] == ("True", "VersionChange")
+    assert "chat-v3" in status["conditions"][1]["message"]
+    assert status["replicas"] == 4
+
+
+def test_reconcile_problems_are_degraded():
+    status = compute(spec(), Observation(deployments=[deployment()], problems=[
+        Problem("ChildConflict", "Service chat already exists and is not controlled by this LLMService")]),
+        None, T0)
+    assert conds(status)["Degraded"] == ("True", "ChildConflict")
+
+
+def test_transition_time_moves_only_when_status_flips():
+    first = compute(spec(), Observation(deployments=[deployment(ready=1)]), None, T0)
+    again = compute(spec(), Observation(deployments=[deployment(ready=1)]), first, T1)
+    assert again == first  # nothing changed: an identical status, hence no write
+    ready = compute(spec(), Observation(deployments=[deployment()]), first, T1)
+    times = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
+    assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0}
+
+
+def test_events_on_meaningful_transitions_only():
+    starting = compute(spec(), Observation(deployments=[deployment(ready=0)]), None, T0)
+    assert transition_events(None, starting) == []
+    ready = compute(spec(), Observation(deployments=[deployment()]), starting, T1)
+    assert transition_events(starting, ready) == [("Normal", "Ready", "2/2 replicas of tiny v3 ready")]
+    assert transition_events(ready, ready) == []
+    stuck = compute(spec(), Observation(deployments=[deployment(ready=1)], pods=[pod(**UNSCHEDULABLE)]), ready, T1)
+    kinds = [(t, r) for t, r, _ in transition_events(ready, stuck)]
+    assert kinds == [("Warning", "NotReady"), ("Warning", "Unschedulable")]
+
+
+def test_invalid_spec_status_keeps_other_fields():
+    status = invalid({"stable": {"version": 1}}, 3, "bad", T0)
+    assert status["stable"] == {"version": 1}
+    assert conds(status)["Degraded"] == ("True", "InvalidSpec")
+
+
+def test_condition_merge_drops_unknown_types_and_keeps_order():
+    merged = conditions.merge([{"type": "Old", "status": "True"}], [Condition("B", "True", "R"),
+                                                                     Condition("A", "False", "S", "m")],
+                              generation=1, now=T0)
+    assert [c["type"] for c in merged] == ["B", "A"]
+    assert conditions.is_true(merged, "B") and not conditions.is_true(merged, "A")
+    assert conditions.find(merged, "Old") is None
