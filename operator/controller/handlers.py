@@ -31,9 +31,11 @@ CHILD_RESOURCES = (("apps", "v1", "deployments"), ("v1", "services"),
 
 
 def watch_settings(settings: kopf.OperatorSettings) -> None:
-    """Server-side filtering of the child watches, quiet logs-as-events, annotation-only storage."""
+    """Server-side filtering of the child watches, no cluster scanning, only error Events from kopf,
+    and kopf's bookkeeping in annotations of our own prefix (never in the status we own)."""
     for resource in CHILD_RESOURCES:
         settings.watching.label_selectors[resource] = MANAGED_SELECTOR
+    settings.scanning.disabled = True  # no CRD/namespace watching: not needed, and not in our RBAC
     settings.posting.level = logging.ERROR  # kopf posts only errors as Events; ours say what we did
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="llmserve.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(

@@ -1,0 +1,79 @@
+"""charts/llmserve renders cleanly with the pinned helm, in each supported configuration."""
+
+import subprocess
+
+import pytest
+import yaml
+
+from llmserve.controller.local import CHART_DIR
+from llmserve.testbed.toolchain import HELM
+
+VARIANTS = {
+    "defaults": [],
+    "namespaced": ["--set", "watchNamespaces={team-a,team-b}"],
+    "no-leader-election": ["--set", "leaderElection.enabled=false"],
+    "crd-deleted-on-uninstall": ["--set", "crds.keep=false"],
+    "no-crd-no-rbac": ["--set", "crds.install=false", "--set", "rbac.create=false",
+                       "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops"],
+}
+
+
+def helm(*args):
+    result = subprocess.run([str(HELM.path("helm")), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def render(*args):
+    docs = yaml.safe_load_all(helm("template", "llmserve", str(CHART_DIR), "--namespace", "ops", *args))
+    return {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs if d}
+
+
+@pytest.mark.parametrize("args", VARIANTS.values(), ids=VARIANTS.keys())
+def test_lint_strict(args):
+    helm("lint", "--strict", str(CHART_DIR), *args)
+
+
+def test_default_render():
+    objs = render()
+    kinds = sorted(k[0] for k in objs)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Role",
+                     "RoleBinding", "ServiceAccount"]
+    crd = objs["CustomResourceDefinition", None, "llmservices.llmserve.io"]
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert crd["spec"]["names"]["shortNames"] == ["llms"]
+    [version] = crd["spec"]["versions"]
+    assert [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")] == [
+        "Ready", "Stable", "Canary", "Weight", "Replicas", "Age"]
+    assert version["subresources"]["scale"]["labelSelectorPath"] == ".status.selector"
+
+    pod = objs["Deployment", "ops", "llmserve"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+                                            "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "--lease-namespace=ops" in container["args"]
+    assert container["resources"]["limits"]["memory"]
+
+
+def test_namespaced_install_binds_only_the_listed_namespaces():
+    objs = render(*VARIANTS["namespaced"])
+    assert not [k for k in objs if k[0] == "ClusterRoleBinding"]
+    bindings = {k[1] for k in objs if k[0] == "RoleBinding" and k[2] == "llmserve"}
+    assert bindings == {"team-a", "team-b"}
+    args = objs["Deployment", "ops", "llmserve"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_crd_is_deleted_on_uninstall_only_when_asked():
+    crd = render(*VARIANTS["crd-deleted-on-uninstall"])["CustomResourceDefinition", None, "llmservices.llmserve.io"]
+    assert "annotations" not in crd["metadata"]
+
+
+def test_values_schema_rejects_unknown_and_mistyped_values():
+    for bad in (["--set", "replicaCount=two"], ["--set", "logLevel=verbose"], ["--set", "unknownKey=1"]):
+        result = subprocess.run([str(HELM.path("helm")), "template", str(CHART_DIR), *bad],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "values don't meet the specifications of the schema" in result.stderr

@@ -1,0 +1,333 @@
+"""The operator end to end on the test bed: real apiserver, scheduler, garbage collector and KWOK
+GPU nodes; the chart installed with helm; the operator a local process holding only the chart's
+ServiceAccount permissions."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures.operator import get_json, wait_for
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+CHILD_KINDS = "deployments,services,poddisruptionbudgets"
+
+
+def llmservice(name, namespace, version=1, replicas=1, gpus=1, **spec):
+    return {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"model": {"name": "tiny-gpt", "repository": "file:///var/lib/llmserve/model_repo",
+                               "version": version},
+                     "replicas": replicas, "runtime": {"gpus": gpus, "startupTimeout": "2m"}, **spec}}
+
+
+def wait_ready(testbed, namespace, name, timeout=180):
+    testbed.kubectl("wait", "--for=condition=Ready", f"llms/{name}", "-n", namespace, f"--timeout={timeout}s",
+                    timeout=timeout + 30)
+    return get_json(testbed, "llms", name, "-n", namespace)
+
+
+def children(testbed, namespace, name):
+    items = get_json(testbed, CHILD_KINDS, "-n", namespace, "-l", f"llmserve.io/service={name}")["items"]
+    return {(i["kind"], i["metadata"]["name"]): i for i in items}
+
+
+def condition(obj, type_):
+    return next((c for c in (obj or {}).get("status", {}).get("conditions", []) if c["type"] == type_), None)
+
+
+def test_example_becomes_ready_with_labeled_owned_children(testbed, operator, namespace):
+    testbed.kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "tiny-gpt.yaml"))
+    obj = wait_ready(testbed, namespace, "tiny-gpt")
+
+    status = obj["status"]
+    assert status["observedGeneration"] == obj["metadata"]["generation"]
+    assert status["stable"] == {"version": 1, "deployment": "tiny-gpt-v1", "replicas": 1, "readyReplicas": 1}
+    assert status["replicas"] == 1
+    assert status["endpoint"] == f"http://tiny-gpt.{namespace}.svc:8080"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True", "Progressing": "False", "Degraded": "False"}
+
+    kids = children(testbed, namespace, "tiny-gpt")
+    assert set(kids) == {("Deployment", "tiny-gpt-v1"), ("Service", "tiny-gpt"), ("Service", "tiny-gpt-stable"),
+                         ("PodDisruptionBudget", "tiny-gpt")}
+    for kid in kids.values():
+        labels = kid["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "llmserve"
+        assert labels["llmserve.io/track"] == "stable" and labels["llmserve.io/model-version"] == "1"
+        [ref] = kid["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["uid"], ref["controller"]) == ("LLMService", obj["metadata"]["uid"], True)
+
+    pods = get_json(testbed, "pods", "-n", namespace, "-l", "llmserve.io/service=tiny-gpt")["items"]
+    assert len(pods) == 1 and pods[0]["spec"]["nodeName"]  # placed by the real scheduler on a GPU node
+    assert pods[0]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    # Printer columns and the short name.
+    table = testbed.kubectl("get", "llms", "-n", namespace).stdout.split()
+    assert table[:6] == ["NAME", "READY", "STABLE", "CANARY", "WEIGHT", "REPLICAS"]
+    assert table[7:10] == ["tiny-gpt", "True", "1"]
+
+    events = get_json(testbed, "events", "-n", namespace, "--field-selector",
+                      "involvedObject.kind=LLMService,involvedObject.name=tiny-gpt")["items"]
+    reasons = {e["reason"] for e in events}
+    assert {"Created", "Ready"} <= reasons
+
+
+def test_scale_subresource_drives_the_deployment(testbed, operator, namespace):
+    testbed.apply(llmservice("scaled", namespace))
+    wait_ready(testbed, namespace, "scaled")
+    testbed.kubectl("scale", "llms/scaled", "-n", namespace, "--replicas=3")
+    obj = wait_for(lambda: (o := get_json(testbed, "llms", "scaled", "-n", namespace))
+                   and o["status"]["stable"]["readyReplicas"] == 3 and o, "3 ready replicas")
+    assert obj["status"]["replicas"] == 3
+    scale = json.loads(testbed.kubectl("get", "--raw", f"/apis/llmserve.io/v1alpha1/namespaces/{namespace}"
+                                       "/llmservices/scaled/scale").stdout)
+    assert scale["status"]["replicas"] == 3
+    assert scale["status"]["selector"] == "llmserve.io/service=scaled,app.kubernetes.io/managed-by=llmserve"
+
+
+def test_unplaceable_spec_reports_why_then_recovers(testbed, operator, namespace):
+    testbed.apply(llmservice("greedy", namespace, gpus=16))  # the nodes have 8 GPUs each
+    testbed.kubectl("wait", "--for=condition=Degraded", "llms/greedy", "-n", namespace, "--timeout=120s",
+                    timeout=150)
+    obj = get_json(testbed, "llms", "greedy", "-n", namespace)
+    degraded, ready = condition(obj, "Degraded"), condition(obj, "Ready")
+    assert degraded["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in degraded["message"]
+    assert degraded["message"].startswith("1 of 1 pods of greedy-v1: 0/")
+    assert (ready["status"], ready["reason"]) == ("False", "Unschedulable")
+
+    testbed.kubectl("patch", "llms/greedy", "-n", namespace, "--type=merge", "-p", '{"spec":{"runtime":{"gpus":2}}}')
+    obj = wait_ready(testbed, namespace, "greedy")
+    assert condition(obj, "Degraded")["status"] == "False"
+
+
+def test_deleted_and_edited_children_are_repaired(testbed, operator, namespace):
+    testbed.apply(llmservice("fixme", namespace))
+    wait_ready(testbed, namespace, "fixme")
+    before = children(testbed, namespace, "fixme")
+
+    testbed.kubectl("delete", "service", "fixme-stable", "-n", namespace)
+    testbed.kubectl("scale", "deployment", "fixme-v1", "-n", namespace, "--replicas=4")
+    testbed.kubectl("patch", "deployment", "fixme-v1", "-n", namespace, "--type=json", "-p", json.dumps(
+        [{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "attacker/triton:evil"}]))
+    testbed.kubectl("label", "poddisruptionbudget", "fixme", "-n", namespace, "app.kubernetes.io/managed-by-")
+
+    def repaired():
+        kids = children(testbed, namespace, "fixme")
+        dep = kids.get(("Deployment", "fixme-v1"))
+        svc = kids.get(("Service", "fixme-stable"))
+        return (dep and svc and ("PodDisruptionBudget", "fixme") in kids
+                and dep["spec"]["replicas"] == 1
+                and dep["spec"]["template"]["spec"]["containers"][0]["image"].startswith("nvcr.io/")
+                and svc["metadata"]["uid"] != before["Service", "fixme-stable"]["metadata"]["uid"])
+
+    wait_for(repaired, "the operator to restore the deleted Service, replicas, image and label")
+    wait_ready(testbed, namespace, "fixme")
+    events = get_json(testbed, "events", "-n", namespace, "--field-selector", "involvedObject.name=fixme")["items"]
+    updates = " ".join(e["message"] for e in events if e["reason"] == "Updated")
+    assert "spec.replicas" in updates and "containers[tritonserver].image" in updates
+
+
+def test_objects_it_does_not_own_are_never_touched(testbed, operator, namespace):
+    foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "taken-stable", "namespace": namespace},
+               "spec": {"selector": {"app": "someone-else"}, "ports": [{"port": 80}]}}
+    testbed.apply(foreign)
+    before = get_json(testbed, "service", "taken-stable", "-n", namespace)
+    testbed.apply(llmservice("taken", namespace))
+    testbed.kubectl("wait", "--for=condition=Degraded", "llms/taken", "-n", namespace, "--timeout=120s",
+                    timeout=150)
+    degraded = condition(get_json(testbed, "llms", "taken", "-n", namespace), "Degraded")
+    assert degraded["reason"] == "ChildConflict"
+    assert "Service taken-stable already exists and is not controlled by this LLMService" in degraded["message"]
+    after = get_json(testbed, "service", "taken-stable", "-n", namespace)
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert "ownerReferences" not in after["metadata"]
+    # The rest of the service is still created.
+    wait_for(lambda: ("Deployment", "taken-v1") in children(testbed, namespace, "taken"), "the Deployment")
+
+
+def test_version_change_replaces_the_deployment_once_the_new_one_is_ready(testbed, operator, namespace):
+    testbed.apply(llmservice("moving", namespace, version=1))
+    wait_ready(testbed, namespace, "moving")
+    testbed.kubectl("patch", "llms/moving", "-n", namespace, "--type=merge", "-p",
+                    '{"spec":{"model":{"version":2}}}')
+    obj = wait_for(lambda: (o := get_json(testbed, "llms", "moving", "-n", namespace))
+                   and o["status"].get("stable", {}).get("version") == 2
+                   and condition(o, "Ready")["status"] == "True"
+                   and condition(o, "Progressing")["status"] == "False" and o, "version 2 to be Ready")
+    assert obj["status"]["stable"]["deployment"] == "moving-v2"
+    wait_for(lambda: {k for k in children(testbed, namespace, "moving") if k[0] == "Deployment"}
+             == {("Deployment", "moving-v2")}, "moving-v1 to be deleted")
+
+
+def test_deleting_the_llmservice_removes_its_children(testbed, operator, namespace):
+    testbed.apply(llmservice("doomed", namespace))
+    wait_ready(testbed, namespace, "doomed")
+    assert len(children(testbed, namespace, "doomed")) == 4
+    testbed.kubectl("delete", "llms/doomed", "-n", namespace)
+    wait_for(lambda: not children(testbed, namespace, "doomed"), "the garbage collector to remove the children")
+    wait_for(lambda: not get_json(testbed, "pods", "-n", namespace, "-l", "llmserve.io/service=doomed")["items"],
+             "the pods to go")
+
+
+def _resource_versions(testbed, namespace, name):
+    objs = {("LLMService", name): get_json(testbed, "llms", name, "-n", namespace)}
+    objs.update(children(testbed, namespace, name))
+    return {key: o["metadata"]["resourceVersion"] for key, o in objs.items()}
+
+
+def test_steady_state_makes_no_writes(testbed, operator, namespace):
+    testbed.apply(llmservice("calm", namespace, replicas=2))
+    wait_ready(testbed, namespace, "calm")
+    wait_for(lambda: condition(get_json(testbed, "llms", "calm", "-n", namespace), "Progressing")["status"]
+             == "False", "the rollout to settle")
+    versions = _resource_versions(testbed, namespace, "calm")
+    before = operator.metrics()
+
+    # Events that make the operator reconcile without anything to change: pods and a child
+    # touched by someone else (an annotation the operator does not render).
+    for pod in get_json(testbed, "pods", "-n", namespace, "-l", "llmserve.io/service=calm")["items"]:
+        testbed.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", namespace, "example.com/poke=1")
+    testbed.kubectl("annotate", "service", "calm", "-n", namespace, "example.com/poke=1")
+    wait_for(lambda: operator.metrics()["llmserve_operator_reconciles_total"]
+             >= before["llmserve_operator_reconciles_total"] + 2, "the operator to reconcile the touched objects")
+
+    after = operator.metrics()
+    assert after["llmserve_operator_reconcile_writes_total"] == before["llmserve_operator_reconcile_writes_total"]
+    now = _resource_versions(testbed, namespace, "calm")
+    changed = {k for k in versions if versions[k] != now[k]}
+    assert changed == {("Service", "calm")}  # only our own annotate; the operator wrote nothing
+
+
+def test_killed_operator_restarts_and_converges_without_duplicates(testbed, operator, namespace):
+    testbed.apply(llmservice("survivor", namespace, replicas=2))
+    wait_ready(testbed, namespace, "survivor")
+    before = children(testbed, namespace, "survivor")
+
+    operator.process.kill()  # SIGKILL: the lease is not released, as when the node dies
+    testbed.kubectl("delete", "service", "survivor-stable", "-n", namespace)
+    testbed.kubectl("scale", "deployment", "survivor-v1", "-n", namespace, "--replicas=1")
+    testbed.apply(llmservice("newcomer", namespace))  # created while no operator runs
+
+    operator.start()  # stands by until the abandoned lease expires, then resumes
+    wait_ready(testbed, namespace, "newcomer")
+    wait_for(lambda: (k := children(testbed, namespace, "survivor")) and ("Service", "survivor-stable") in k
+             and k["Deployment", "survivor-v1"]["spec"]["replicas"] == 2, "survivor's children to be repaired")
+    wait_ready(testbed, namespace, "survivor")
+
+    after = children(testbed, namespace, "survivor")
+    assert set(after) == set(before)  # no duplicates, nothing extra
+    for key in [("Service", "survivor"), ("PodDisruptionBudget", "survivor")]:  # untouched: not rewritten
+        assert after[key]["metadata"]["resourceVersion"] == before[key]["metadata"]["resourceVersion"]
+    deployments = get_json(testbed, "deployments", "-n", namespace)["items"]
+    assert sorted(d["metadata"]["name"] for d in deployments) == ["newcomer-v1", "survivor-v1"]
+
+
+def test_only_one_replica_acts_and_a_standby_takes_over(testbed, operator, namespace):
+    standby = operator.spawn(identity="standby")
+    wait_for(lambda: standby.health() is not None, "the standby to answer /healthz")
+    assert standby.health()["leader"] is False
+    lease = get_json(testbed, "lease", "llmserve", "-n", "llmserve-system")
+    assert lease["spec"]["holderIdentity"] == operator.process.identity
+
+    assert operator.process.stop() == 0  # graceful: releases the lease
+    operator.process = standby.wait_leading()
+    testbed.apply(llmservice("handover", namespace))
+    wait_ready(testbed, namespace, "handover")
+    lease = get_json(testbed, "lease", "llmserve", "-n", "llmserve-system")
+    assert lease["spec"]["holderIdentity"] == "standby"
+
+
+@pytest.mark.parametrize("verb,resource,allowed", [
+    ("watch", "llmservices.llmserve.io", True),
+    ("patch", "llmservices.llmserve.io/status", True),
+    ("patch", "deployments.apps", True),
+    ("delete", "deployments.apps", True),
+    ("list", "pods", True),
+    ("create", "events", True),
+    ("delete", "services", False),
+    ("delete", "llmservices.llmserve.io", False),
+    ("create", "pods", False),
+    ("get", "secrets", False),
+    ("update", "deployments.apps", False),
+    ("get", "configmaps", False),
+])
+def test_service_account_has_exactly_what_the_operator_does(testbed, llmserve_chart, verb, resource, allowed):
+    result = testbed.kubectl("auth", "can-i", verb, resource, "--all-namespaces",
+                             "--as=system:serviceaccount:llmserve-system:llmserve", check=False)
+    assert result.stdout.strip() == ("yes" if allowed else "no")
+
+
+def _mutate(base, path, value):
+    obj = copy.deepcopy(base)
+    *parents, leaf = path
+    target = obj
+    for key in parents:
+        target = target.setdefault(key, {}) if isinstance(key, str) else target[key]
+    if value is DELETE:
+        del target[leaf]
+    else:
+        target[leaf] = value
+    return obj
+
+
+DELETE = object()
+INVALID = [
+    # (id, path, value, substrings the API server's message must contain: the field and the rule)
+    ("version-zero", ("spec", "model", "version"), 0, ["spec.model.version", "greater than or equal to 1"]),
+    ("version-not-integer", ("spec", "model", "version"), "three", ["spec.model.version", "integer"]),
+    ("sha256-format", ("spec", "model", "sha256"), "abc123", ["spec.model.sha256", "64 lowercase hexadecimal"]),
+    ("repository-s3", ("spec", "model", "repository"), "s3://bucket/repo",
+     ["spec.model.repository", "s3:// is not supported yet"]),
+    ("repository-http", ("spec", "model", "repository"), "http://example.com/repo",
+     ["spec.model.repository", "must be pvc://<claim>/<path> or file:///<absolute path>"]),
+    ("model-name-missing", ("spec", "model", "name"), DELETE, ["spec.model.name", "Required value"]),
+    ("replicas-negative", ("spec", "replicas"), -1, ["spec.replicas", "greater than or equal to 0"]),
+    ("gpus-negative", ("spec", "runtime", "gpus"), -1, ["spec.runtime.gpus", "greater than or equal to 0"]),
+    ("gpu-in-resources", ("spec", "runtime", "resources"), {"limits": {"nvidia.com/gpu": 1}},
+     ["spec.runtime.resources", "set GPUs with spec.runtime.gpus"]),
+    ("resource-not-quantity", ("spec", "runtime", "resources"), {"requests": {"cpu": "lots"}},
+     ["spec.runtime.resources.requests", "Kubernetes quantity"]),
+    ("startup-timeout-too-long", ("spec", "runtime", "startupTimeout"), "48h",
+     ["spec.runtime.startupTimeout", "between 10s and 6h"]),
+    ("startup-timeout-not-duration", ("spec", "runtime", "startupTimeout"), "ten minutes",
+     ["spec.runtime.startupTimeout", "duration"]),
+    ("toleration-operator", ("spec", "runtime", "tolerations"), [{"key": "gpu", "operator": "Maybe"}],
+     ["spec.runtime.tolerations[0].operator", "Unsupported value"]),
+    ("autoscaling-min-above-max", ("spec", "autoscaling"), {"minReplicas": 5, "maxReplicas": 2},
+     ["spec.autoscaling.minReplicas", "less than or equal to maxReplicas"]),
+    ("autoscaling-metric", ("spec", "autoscaling"), {"maxReplicas": 2, "metric": "cpu"},
+     ["spec.autoscaling.metric", "Unsupported value"]),
+    ("weights-decreasing", ("spec", "rollout"), {"steps": [{"weight": 50}, {"weight": 10}]},
+     ["spec.rollout.steps", "strictly increase"]),
+    ("weights-repeated", ("spec", "rollout"), {"steps": [{"weight": 10}, {"weight": 10}]},
+     ["spec.rollout.steps", "strictly increase"]),
+    ("weight-above-100", ("spec", "rollout"), {"steps": [{"weight": 150}]},
+     ["spec.rollout.steps[0].weight", "less than or equal to 100"]),
+    ("pause-not-duration", ("spec", "rollout"), {"steps": [{"weight": 10, "pause": "5 minutes"}]},
+     ["spec.rollout.steps[0].pause", "duration"]),
+    ("error-rate-above-one", ("spec", "rollout"), {"analysis": {"maxErrorRate": "2"}},
+     ["spec.rollout.analysis.maxErrorRate", "fraction between 0 and 1"]),
+    ("unknown-field", ("spec", "modle"), {"name": "typo"}, ['unknown field "spec.modle"']),
+    ("name-not-dns-label", ("metadata", "name"), "Chat.Bot", ["metadata.name must be a DNS-1035 label"]),
+]
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_manifests_are_refused_naming_field_and_rule(testbed, llmserve_chart, case):
+    _, path, value, expected = case
+    manifest = _mutate(llmservice("valid", "default"), path, value)
+    result = testbed.kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(manifest), check=False)
+    assert result.returncode != 0, f"accepted: {manifest}"
+    for text in expected:
+        assert text in result.stderr, result.stderr
+
+
+def test_the_base_of_the_invalid_cases_is_valid(testbed, llmserve_chart):
+    """So that each invalid case above fails for its own reason only."""
+    testbed.kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(llmservice("valid", "default")))
