@@ -1,0 +1,76 @@
+"""Triton python-backend model: sentence embeddings with an ONNX encoder on ONNX Runtime.
+
+`llmserve build` copies this file into every version it publishes, beside `model.onnx`,
+`tokenizer.json` and `artifact.json`; its accuracy gate imports this same file (outside Triton)
+and runs `Embedder` on the artifact, so the gate measures exactly what will serve.
+
+Input `text` (BYTES, one string per row; a request may carry several rows). Outputs `embedding`
+(FP32 [dim]; pooling and L2 normalization happen inside the ONNX graph) and `token_count`
+(INT32, tokens the text used after truncation, for usage accounting). Every execute() tokenizes
+and runs the whole dynamic batch at once.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported by the builder's accuracy gate, outside Triton
+    pb_utils = None
+
+
+class Embedder:
+    """The ONNX artifact plus its tokenizer; no Triton dependency."""
+
+    def __init__(self, version_dir, session_options=None):
+        version_dir = Path(version_dir)
+        self.meta = json.loads((version_dir / "artifact.json").read_text())
+        self.session = ort.InferenceSession(
+            str(version_dir / self.meta["onnx"]), session_options,
+            providers=["CPUExecutionProvider"],
+        )
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.meta["max_length"])
+        self.tokenizer.enable_padding(pad_id=self.meta["pad_token_id"])
+
+    def embed(self, texts):
+        """Embeddings [N, dim] and token counts [N] of `texts`."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        columns = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
+        feeds = {name: np.array(columns[name], np.int64) for name in self.inputs}
+        (embeddings,) = self.session.run(["embedding"], feeds)
+        counts = np.array([sum(e.attention_mask) for e in encodings], np.int32)
+        return embeddings.astype(np.float32), counts
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.embedder = Embedder(Path(args["model_repository"]) / args["model_version"])
+
+    def execute(self, requests):
+        texts, rows = [], []
+        for request in requests:
+            values = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
+            rows.append(len(values))
+            texts += [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+        embeddings, counts = self.embedder.embed(texts)
+        responses, start = [], 0
+        for n in rows:
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("embedding", embeddings[start:start + n]),
+                pb_utils.Tensor("token_count", counts[start:start + n].reshape(n, 1)),
+            ]))
+            start += n
+        return responses
+
+    def finalize(self):
+        self.embedder = None
