@@ -26,6 +26,7 @@ KUBERNETES_VERSION = "v1.33.4"
 ETCD_VERSION = "v3.5.21"
 KWOK_VERSION = "v0.7.0"
 HELM_VERSION = "v3.18.6"
+PROMETHEUS_ADAPTER_VERSION = "v0.12.0"
 
 _K8S_MINOR = KUBERNETES_VERSION.lstrip("v").split(".")[1]
 _K8S_STAMP = " ".join(
@@ -97,6 +98,16 @@ HELM = GoComponent(
     version=HELM_VERSION,
     commands={"helm": "helm.sh/helm/v3/cmd/helm"},
     ldflags=f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",
+)
+
+# Serves Prometheus queries as the custom metrics API for the HPA (docs/autoscaling.md). Not in
+# COMPONENTS: only the autoscaling tests and bench/autoscaling.py need it, and they build it lazily
+# with `build(PROMETHEUS_ADAPTER)`, so `testbed up` does not pay for a binary most runs never start.
+PROMETHEUS_ADAPTER = GoComponent(
+    name="prometheus-adapter",
+    module="sigs.k8s.io/prometheus-adapter",
+    version=PROMETHEUS_ADAPTER_VERSION,
+    commands={"prometheus-adapter": "sigs.k8s.io/prometheus-adapter/cmd/adapter"},
 )
 
 COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM)
