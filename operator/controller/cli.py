@@ -47,6 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import Options, run
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "debug":  # kopf logs every handled watch event; our Events say what changed
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.lease_duration < 3:
         raise CommandError("--lease-duration must be at least 3 seconds")
     opts = Options(

@@ -37,6 +37,8 @@ class Recorder:
 
     async def post(self, parent: dict, type_: str, reason: str, message: str) -> None:
         meta, now = parent["metadata"], now_rfc3339()
+        log.log(logging.WARNING if type_ == "Warning" else logging.INFO, "%s/%s: %s: %s",
+                meta["namespace"], meta["name"], reason, message)
         event = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},

@@ -76,6 +76,33 @@ class Repository:
 
 
 @dataclass(frozen=True)
+class Autoscaling:
+    """`spec.autoscaling`: who may change `spec.replicas`, within which bounds, on which signal."""
+
+    max_replicas: int
+    min_replicas: int = 1
+    metric: str = "queueComputeRatio"
+    target: str = "1"  # a quantity, as the HPA target is
+    engine: str = "hpa"  # "hpa" (the operator's HorizontalPodAutoscaler) or "keda" (a ScaledObject)
+    scale_up_window: float = 0.0  # seconds of stabilization before acting on a higher recommendation
+    scale_down_window: float = 300.0  # ... on a lower one: what keeps replicas from flapping
+
+    @classmethod
+    def from_spec(cls, section: dict | None) -> Autoscaling | None:
+        if not section:
+            return None
+        return cls(
+            max_replicas=int(section["maxReplicas"]),
+            min_replicas=int(section.get("minReplicas", 1)),
+            metric=section.get("metric") or "queueComputeRatio",
+            target=str(section.get("target") or "1"),
+            engine=section.get("engine") or "hpa",
+            scale_up_window=parse_duration((section.get("scaleUp") or {}).get("stabilizationWindow") or "0s"),
+            scale_down_window=parse_duration((section.get("scaleDown") or {}).get("stabilizationWindow") or "5m"),
+        )
+
+
+@dataclass(frozen=True)
 class Spec:
     """A typed, defaulted view of one LLMService; built from the object with `Spec.from_object`."""
 
@@ -100,6 +127,7 @@ class Spec:
     shm_size: str = "256Mi"
     predictor_image: str | None = None
     predictor_resources: dict = field(default_factory=dict)
+    autoscaling: Autoscaling | None = None
 
     @classmethod
     def from_object(cls, obj: dict) -> Spec:
@@ -130,4 +158,5 @@ class Spec:
             shm_size=str(runtime.get("shmSize") or "256Mi"),
             predictor_image=predictor.get("image") or None,
             predictor_resources=predictor.get("resources") or {},
+            autoscaling=Autoscaling.from_spec(spec.get("autoscaling")),
         )

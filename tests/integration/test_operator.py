@@ -292,7 +292,7 @@ INVALID = [
     ("gpu-in-resources", ("spec", "runtime", "resources"), {"limits": {"nvidia.com/gpu": 1}},
      ["spec.runtime.resources", "set GPUs with spec.runtime.gpus"]),
     ("resource-not-quantity", ("spec", "runtime", "resources"), {"requests": {"cpu": "lots"}},
-     ["spec.runtime.resources.requests", "Kubernetes quantity"]),
+     ["spec.runtime.resources.requests.cpu", "should match"]),
     ("startup-timeout-too-long", ("spec", "runtime", "startupTimeout"), "48h",
      ["spec.runtime.startupTimeout", "between 10s and 6h"]),
     ("startup-timeout-not-duration", ("spec", "runtime", "startupTimeout"), "ten minutes",
@@ -314,7 +314,7 @@ INVALID = [
     ("error-rate-above-one", ("spec", "rollout"), {"analysis": {"maxErrorRate": "2"}},
      ["spec.rollout.analysis.maxErrorRate", "fraction between 0 and 1"]),
     ("unknown-field", ("spec", "modle"), {"name": "typo"}, ['unknown field "spec.modle"']),
-    ("name-not-dns-label", ("metadata", "name"), "Chat.Bot", ["metadata.name must be a DNS-1035 label"]),
+    ("name-not-dns-label", ("metadata", "name"), "chat.bot", ["metadata.name must be a DNS-1035 label"]),
 ]
 
 

@@ -41,3 +41,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "llmserve.leaseName" -}}
 {{- include "llmserve.fullname" . }}
 {{- end }}
+
+{{/* The ConfigMap holding the prometheus-adapter rules (prometheusAdapter.rules). */}}
+{{- define "llmserve.prometheusAdapterConfigName" -}}
+{{- .Values.prometheusAdapter.rules.name | default (printf "%s-prometheus-adapter" (include "llmserve.fullname" .)) | trunc 63 | trimSuffix "-" }}
+{{- end }}
