@@ -42,6 +42,7 @@ from .spec import API_VERSION, GROUP, KIND, LABEL_SERVICE, PLURAL, STABLE, Autos
 from .units import parse_quantity
 
 HPA, KEDA = "hpa", "keda"
+KEDA_API_VERSION = "keda.sh/v1alpha1"
 # Rate window of the counter-based signals. A ratio of two rates over the same window reacts as
 # soon as the first loaded samples arrive (both rates move together), while one minute of history
 # keeps a burst of a few seconds from looking like sustained load.
@@ -179,7 +180,7 @@ def scaled_object(spec: Spec, prometheus_url: str) -> dict:
     scaling = spec.autoscaling
     metric = METRICS[scaling.metric]
     return {
-        "apiVersion": "keda.sh/v1alpha1",
+        "apiVersion": KEDA_API_VERSION,
         "kind": "ScaledObject",
         "metadata": _metadata(spec, spec.name, spec.version, STABLE),
         "spec": {
@@ -217,6 +218,18 @@ def autoscaler(spec: Spec, prometheus_url: str) -> dict | None:
                 "trigger: set the chart value prometheus.url (operator flag --prometheus-url)")
         return scaled_object(spec, prometheus_url)
     return horizontal_pod_autoscaler(spec)
+
+
+def rejection(spec: Spec, message: str) -> str:
+    """Why the API server refused the autoscaler, with what to do about the usual cause."""
+    scaling = spec.autoscaling
+    if scaling.engine == KEDA and "could not find the requested resource" in message:
+        return f"{message}: KEDA is not installed in this cluster (no {KEDA_API_VERSION} ScaledObject API); " \
+               "install KEDA or use spec.autoscaling.engine hpa"
+    if scaling.engine == HPA and scaling.min_replicas == 0:
+        return f"{message}: minReplicas 0 needs the HPAScaleToZero feature gate on kube-apiserver and " \
+               "kube-controller-manager, or spec.autoscaling.engine keda (docs/autoscaling.md#scale-to-zero)"
+    return message
 
 
 def ready_floor(spec: Spec) -> int:

@@ -33,6 +33,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                      help="image of the model-puller init container ($LLMSERVE_PULLER_IMAGE)")
     run.add_argument("--predictor-image", default=os.environ.get("LLMSERVE_PREDICTOR_IMAGE", DEFAULT_PREDICTOR_IMAGE),
                      help="default predictor sidecar image ($LLMSERVE_PREDICTOR_IMAGE)")
+    run.add_argument("--prometheus-url", default=os.environ.get("LLMSERVE_PROMETHEUS_URL", ""),
+                     help="Prometheus that scrapes the Triton pods, for KEDA autoscaling triggers "
+                          "($LLMSERVE_PROMETHEUS_URL)")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.set_defaults(func=_run)
 
@@ -55,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespaces), images=Images(puller=args.puller_image, predictor=args.predictor_image),
         kubeconfig=args.kubeconfig, leader_election=args.leader_election, lease_namespace=args.lease_namespace,
         lease_name=args.lease_name, lease_duration=args.lease_duration, health_address=args.health_address,
-        health_port=args.health_port, identity=args.identity,
+        health_port=args.health_port, identity=args.identity, prometheus_url=args.prometheus_url,
     )
     try:
         return asyncio.run(run(opts))

@@ -15,7 +15,9 @@ from __future__ import annotations
 from .units import same_quantity
 
 _QUANTITY_MAPS = frozenset({"limits", "requests"})
-_QUANTITY_FIELDS = frozenset({"sizeLimit"})
+# sizeLimit of an emptyDir; value/averageValue of an HPA metric target (the API server rewrites
+# "0.5" as "500m").
+_QUANTITY_FIELDS = frozenset({"sizeLimit", "value", "averageValue"})
 
 
 def _named(items: list) -> bool:

@@ -55,8 +55,9 @@ def backoff(failures: int) -> float:
 
 
 class Engine:
-    def __init__(self, client: KubeClient, images: Images, identity: str):
+    def __init__(self, client: KubeClient, images: Images, identity: str, prometheus_url: str = ""):
         self.client, self.images, self.identity = client, images, identity
+        self.prometheus_url = prometheus_url
         self.metrics = Metrics()
         self.lookup: Lookup = lambda key: (None, Children())
         self._states: dict[Key, _State] = {}
@@ -109,7 +110,8 @@ class Engine:
         """One reconcile; returns an error description instead of raising."""
         client = self.client.scoped()
         try:
-            await reconcile(parent, children, client, self.images, Recorder(client, instance=self.identity))
+            await reconcile(parent, children, client, self.images, Recorder(client, instance=self.identity),
+                            prometheus_url=self.prometheus_url)
             return None
         except Exception as exc:  # noqa: BLE001 - any failure is retried; the log keeps the detail
             self.metrics.failures += 1

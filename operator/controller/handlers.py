@@ -27,7 +27,8 @@ registry = kopf.OperatorRegistry()
 
 CHILD = {LABEL_MANAGED_BY: MANAGER, LABEL_SERVICE: kopf.PRESENT}
 CHILD_RESOURCES = (("apps", "v1", "deployments"), ("v1", "services"),
-                   ("policy", "v1", "poddisruptionbudgets"), ("v1", "pods"))
+                   ("policy", "v1", "poddisruptionbudgets"), ("autoscaling", "v2", "horizontalpodautoscalers"),
+                   ("v1", "pods"))
 
 
 def watch_settings(settings: kopf.OperatorSettings) -> None:
@@ -62,6 +63,11 @@ def disruption_budgets(namespace: str, labels: kopf.Labels, body: kopf.Body, **_
     return {(namespace, labels[LABEL_SERVICE]): dict(body)}
 
 
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD, registry=registry)
+def autoscalers(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_SERVICE]): dict(body)}
+
+
 @kopf.index("v1", "pods", labels=CHILD, registry=registry)
 def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     return {(namespace, labels[LABEL_SERVICE]): pod_summary(dict(body))}
@@ -77,6 +83,7 @@ def _bind(memo: kopf.Memo, indexes: dict[str, Any]) -> Engine:
             deployments=list(indexes["deployments"].get(key, [])),
             services=list(indexes["services"].get(key, [])),
             disruption_budgets=list(indexes["disruption_budgets"].get(key, [])),
+            autoscalers=list(indexes["autoscalers"].get(key, [])),
             pods=list(indexes["pods"].get(key, [])),
         )
 
@@ -97,6 +104,7 @@ async def llmservice_changed(namespace: str, name: str, memo: kopf.Memo, **kwarg
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD, registry=registry)
 @kopf.on.event("v1", "services", labels=CHILD, registry=registry)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD, registry=registry)
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD, registry=registry)
 @kopf.on.event("v1", "pods", labels=CHILD, registry=registry)
 async def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
     _bind(memo, kwargs).poke((namespace, labels[LABEL_SERVICE]))

@@ -35,6 +35,8 @@ PLURALS = {
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("coordination.k8s.io/v1", "Lease"): "leases",
     ("llmserve.io/v1alpha1", "LLMService"): "llmservices",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
 }
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass, field
 
 from . import apply as applier
+from . import autoscaling
 from . import status as st
-from .kube import ApiError, KubeClient, now_rfc3339
+from .kube import ApiError, KubeClient, now_rfc3339, object_path
 from .render import Images, desired_children
 from .spec import API_VERSION, KIND, Spec
 
@@ -26,6 +27,7 @@ class Children:
     deployments: list[dict] = field(default_factory=list)
     services: list[dict] = field(default_factory=list)
     disruption_budgets: list[dict] = field(default_factory=list)
+    autoscalers: list[dict] = field(default_factory=list)  # HorizontalPodAutoscalers
     pods: list[dict] = field(default_factory=list)  # status.pod_summary() of each
 
 
@@ -56,7 +58,7 @@ class Recorder:
 
 
 async def reconcile(parent: dict, children: Children, client: KubeClient, images: Images,
-                    recorder: Recorder) -> None:
+                    recorder: Recorder, prometheus_url: str = "") -> None:
     """Converge one LLMService. Raises ApiError when the API server fails a request."""
     meta = parent["metadata"]
     if meta.get("deletionTimestamp"):
@@ -68,14 +70,23 @@ async def reconcile(parent: dict, children: Children, client: KubeClient, images
                             st.invalid(parent.get("status"), meta.get("generation", 1), str(exc), now_rfc3339()))
         return
 
-    observed = {(o["kind"], o["metadata"]["name"]): o
-                for o in children.deployments + children.services + children.disruption_budgets}
+    observed = {(o["kind"], o["metadata"]["name"]): o for o in
+                children.deployments + children.services + children.disruption_budgets + children.autoscalers}
     problems, current = [], {}
-    for desired in desired_children(spec, images):
+    wanted = desired_children(spec, images)
+    try:
+        scaler = autoscaling.autoscaler(spec, prometheus_url)
+    except autoscaling.AutoscalerUnavailable as exc:
+        scaler = None
+        problems.append(st.Problem("AutoscalerUnavailable", str(exc)))
+    wanted += [scaler] if scaler else []
+    for desired in wanted:
         key = (desired["kind"], desired["metadata"]["name"])
         outcome = await applier.ensure(client, desired, observed.get(key), spec.uid)
         if outcome.action in (applier.CONFLICT, applier.INVALID):
             reason = "ChildConflict" if outcome.action == applier.CONFLICT else "ApplyFailed"
+            if desired is scaler and outcome.action == applier.INVALID:
+                reason, outcome.message = "AutoscalerRejected", autoscaling.rejection(spec, outcome.message)
             problems.append(st.Problem(reason, outcome.message))
             continue
         current[key] = outcome.obj
@@ -85,10 +96,14 @@ async def reconcile(parent: dict, children: Children, client: KubeClient, images
             await recorder.post(parent, "Normal", "Updated",
                                 f"updated {applier.describe(desired)}: {', '.join(outcome.changed[:5])}")
 
+    await _prune_autoscalers(client, recorder, parent, spec, children.autoscalers,
+                             {(d["kind"], d["metadata"]["name"]) for d in wanted})
+
     ours = [d for d in children.deployments if applier.controlled_by(d, spec.uid) and
             ("Deployment", d["metadata"]["name"]) not in current]
     deployments = [o for (kind, _), o in current.items() if kind == "Deployment"] + ours
-    seen = st.Observation(deployments=deployments, pods=children.pods, problems=problems)
+    seen = st.Observation(deployments=deployments, pods=children.pods, problems=problems,
+                          autoscaler=current.get(("HorizontalPodAutoscaler", spec.name)))
     status = st.compute(spec, seen, parent.get("status"), now_rfc3339())
 
     # Without a canary (issue 6), an older version keeps serving until the new one is Ready.
@@ -101,6 +116,29 @@ async def reconcile(parent: dict, children: Children, client: KubeClient, images
         status = st.compute(spec, seen, parent.get("status"), now_rfc3339())
 
     await _write_status(client, recorder, parent, status)
+
+
+async def _prune_autoscalers(client: KubeClient, recorder: Recorder, parent: dict, spec: Spec,
+                             hpas: list[dict], wanted: set[tuple[str, str]]) -> None:
+    """Delete the autoscaler the spec no longer asks for (autoscaling removed, or the other
+    engine chosen): two autoscalers on one scale subresource would fight. One the API server just
+    refused to update is still wanted, and keeps scaling with its last accepted settings.
+
+    HPAs are watched. ScaledObjects are not (KEDA may not be installed, and a watch on a missing
+    resource fails), so `status.autoscaling.engine` remembers that one was created.
+    """
+    stale = [h for h in hpas if applier.controlled_by(h, spec.uid)
+             and (h["kind"], h["metadata"]["name"]) not in wanted]
+    engine = ((parent.get("status") or {}).get("autoscaling") or {}).get("engine")
+    if engine == autoscaling.KEDA and ("ScaledObject", spec.name) not in wanted:
+        found = await client.get(object_path({"apiVersion": autoscaling.KEDA_API_VERSION, "kind": "ScaledObject",
+                                              "metadata": {"name": spec.name, "namespace": spec.namespace}}))
+        if found and applier.controlled_by(found, spec.uid):
+            stale.append(found)
+    for obj in stale:
+        await client.delete(obj)
+        await recorder.post(parent, "Normal", "Deleted",
+                            f"deleted {applier.describe(obj)}: spec.autoscaling no longer asks for it")
 
 
 async def _write_status(client: KubeClient, recorder: Recorder, parent: dict, status: dict) -> None:

@@ -35,6 +35,7 @@ class Options:
     health_address: str = "0.0.0.0"
     health_port: int = 8081
     identity: str = ""
+    prometheus_url: str = ""  # where KEDA triggers query Triton's metrics (docs/autoscaling.md)
 
 
 def default_identity() -> str:
@@ -95,7 +96,7 @@ async def run(opts: Options) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     async with KubeClient(config) as client:
-        engine = Engine(client, opts.images, identity)
+        engine = Engine(client, opts.images, identity, prometheus_url=opts.prometheus_url)
         elector = None
         if opts.leader_election:
             elector = LeaseElector(client, opts.lease_namespace or config.namespace, opts.lease_name, identity,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import autoscaling
 from . import conditions as cond
 from .conditions import FALSE, TRUE, Condition
 from .render import PREDICTOR_PORT
@@ -102,8 +103,18 @@ def _pod_trouble(spec: Spec, pods: list[dict]) -> tuple[str, str] | None:
         return None
     reason = min((t[0] for t in troubled), key=_SEVERITY.index)
     same = [t for t in troubled if t[0] == reason]
-    return reason, (f"{len(same)} of {len(live)} pods of {deployment_name(spec.name, spec.version)}: "
-                    f"{same[0][1]}")
+    message = f"{len(same)} of {len(live)} pods of {deployment_name(spec.name, spec.version)}: {same[0][1]}"
+    if reason == "Unschedulable" and f"Insufficient {spec.gpu_resource}" in same[0][1]:
+        # The common case on GPU clusters (an autoscaler asking for more than the cluster has):
+        # say what a person can do about it.
+        bound = "spec.autoscaling.maxReplicas" if spec.autoscaling else "spec.replicas"
+        message += f" (no node has {spec.gpus} free {spec.gpu_resource}: add GPU nodes or lower {bound})"
+    return reason, message
+
+
+def unschedulable(pods: list[dict]) -> int:
+    """Pods of any version the scheduler could not place: replicas asked for but not running."""
+    return sum(1 for p in pods if not p["deleting"] and p["trouble"] and p["trouble"][0] == "Unschedulable")
 
 
 @dataclass
@@ -113,6 +124,7 @@ class Observation:
     deployments: list[dict] = field(default_factory=list)
     pods: list[dict] = field(default_factory=list)  # pod_summary() of each pod
     problems: list[Problem] = field(default_factory=list)
+    autoscaler: dict | None = None  # the HorizontalPodAutoscaler, when spec.autoscaling has one
 
 
 def compute(spec: Spec, seen: Observation, previous: dict | None, now: str) -> dict:
@@ -123,8 +135,9 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str) -> d
     counts = _deployment_counts(current)
     want = spec.replicas
     ready = (current is not None and counts["settled"] and want > 0
-             and min(counts["updated"], counts["ready"], counts["available"]) >= want)
+             and min(counts["updated"], counts["ready"], counts["available"]) >= autoscaling.ready_floor(spec))
     trouble = _pod_trouble(spec, seen.pods)
+    scaling, scaling_trouble = autoscaling.observe(spec, seen.autoscaler)
     what = f"{spec.model} v{spec.version}"
 
     if seen.problems:
@@ -134,6 +147,8 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str) -> d
     elif counts["deadline"] and not ready:
         degraded = Condition(DEGRADED, TRUE, "ProgressDeadlineExceeded",
                              f"{current['metadata']['name']} made no progress within its deadline")
+    elif scaling_trouble:
+        degraded = Condition(DEGRADED, TRUE, *scaling_trouble)
     else:
         degraded = Condition(DEGRADED, FALSE, "Healthy", "")
 
@@ -153,7 +168,7 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str) -> d
                                 f"{', '.join(others)} will be removed once {what} is available")
     elif counts["deadline"] and not ready:
         progressing = Condition(PROGRESSING, FALSE, "ProgressDeadlineExceeded", degraded.message)
-    elif not ready and want > 0:
+    elif want > 0 and (not ready or counts["ready"] < want):  # the latter: scaling up past the floor
         progressing = Condition(PROGRESSING, TRUE, "ReplicasStarting", readiness.message)
     else:
         progressing = Condition(PROGRESSING, FALSE, "Complete", f"{what} is rolled out")
@@ -162,7 +177,7 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str) -> d
               "replicas": want, "readyReplicas": counts["ready"]}
     if spec.sha256:
         stable["sha256"] = spec.sha256
-    return {
+    out = {
         "observedGeneration": spec.generation,
         "conditions": cond.merge((previous or {}).get("conditions"), [readiness, progressing, degraded],
                                  generation=spec.generation, now=now),
@@ -170,7 +185,11 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str) -> d
         "replicas": sum(_deployment_counts(d)["replicas"] for d in seen.deployments),
         "selector": pod_selector(spec.name),
         "endpoint": f"http://{spec.name}.{spec.namespace}.svc:{PREDICTOR_PORT}",
+        "unschedulableReplicas": unschedulable(seen.pods),
     }
+    if scaling:
+        out["autoscaling"] = scaling
+    return out
 
 
 def invalid(previous: dict | None, generation: int, message: str, now: str) -> dict:

@@ -8,6 +8,7 @@ import yaml
 from llmserve.controller import autoscaling as a
 from llmserve.controller.autoscaling_cli import render
 from llmserve.controller.spec import Spec
+from llmserve.controller.status import Observation, compute
 
 CHART_RULES = Path(__file__).resolve().parents[2] / "charts" / "llmserve" / "files" / "prometheus-adapter.yaml"
 LLMSERVICE = {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService", "name": "chat"}
@@ -171,3 +172,41 @@ def test_observe_keda_names_the_hpa_keda_creates():
 def test_metric_label_matches_prometheus_sanitizing():
     assert a.metric_label("llmserve.io/service") == "llmserve_io_service"
     assert a.metric_label("app.kubernetes.io/managed-by") == "app_kubernetes_io_managed_by"
+
+
+def deployment(ready, replicas):
+    return {"metadata": {"name": "chat-v3", "generation": 1},
+            "status": {"observedGeneration": 1, "replicas": replicas, "readyReplicas": ready,
+                       "updatedReplicas": replicas, "availableReplicas": ready}}
+
+
+def conditions(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_status_stays_ready_at_the_floor_while_the_autoscaler_adds_replicas():
+    scaling_up = compute(make({"minReplicas": 1, "maxReplicas": 5}, replicas=4),
+                         Observation(deployments=[deployment(ready=1, replicas=4)]), None, "2026-01-01T00:00:00Z")
+    assert conditions(scaling_up)["Ready"] == ("True", "Available")
+    assert conditions(scaling_up)["Progressing"] == ("True", "ReplicasStarting")
+    assert scaling_up["autoscaling"]["maxReplicas"] == 5
+    # Without autoscaling every requested replica must be ready.
+    fixed = compute(make(replicas=4), Observation(deployments=[deployment(ready=1, replicas=4)]), None,
+                    "2026-01-01T00:00:00Z")
+    assert conditions(fixed)["Ready"][0] == "False" and "autoscaling" not in fixed
+
+
+def test_status_degraded_when_the_hpa_cannot_read_its_metric():
+    hpa = hpa_status(ScalingActive=("False", "FailedGetObjectMetric", "no metrics returned from custom metrics API"))
+    status = compute(make({"maxReplicas": 5}), Observation(deployments=[deployment(ready=2, replicas=2)],
+                                                           autoscaler=hpa), None, "2026-01-01T00:00:00Z")
+    assert conditions(status)["Degraded"] == ("True", "MetricsUnavailable")
+    assert conditions(status)["Ready"] == ("True", "Available")  # still serving at its current size
+    assert status["autoscaling"]["desiredReplicas"] == 3
+
+
+def test_rejected_scale_to_zero_names_the_feature_gate_and_keda():
+    message = a.rejection(make({"minReplicas": 0, "maxReplicas": 2}), "spec.minReplicas: Invalid value: 0")
+    assert "HPAScaleToZero" in message and "engine keda" in message
+    assert "install KEDA" in a.rejection(make({"engine": "keda", "maxReplicas": 2}),
+                                         "the server could not find the requested resource")

@@ -22,7 +22,7 @@ class FakeClient:
 def make_engine(monkeypatch, behaviour):
     runs = []
 
-    async def fake_reconcile(parent, children, client, images, recorder):
+    async def fake_reconcile(parent, children, client, images, recorder, **settings):
         runs.append(parent["rev"])
         await behaviour(len(runs))
 

@@ -64,8 +64,10 @@ def test_unschedulable_pods_report_the_schedulers_reason():
                      None, T0)
     ready, degraded = status["conditions"][0], status["conditions"][2]
     assert (degraded["status"], degraded["reason"]) == ("True", "Unschedulable")
-    assert degraded["message"] == "2 of 2 pods of chat-v3: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    assert degraded["message"] == ("2 of 2 pods of chat-v3: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+                                   " (no node has 1 free nvidia.com/gpu: add GPU nodes or lower spec.replicas)")
     assert (ready["status"], ready["reason"], ready["message"]) == ("False", "Unschedulable", degraded["message"])
+    assert status["unschedulableReplicas"] == 2
 
 
 def test_model_pull_failure_outranks_scheduling_and_names_the_container():
