@@ -1,0 +1,204 @@
+"""OpenAI-compatible endpoints on kserve's FastAPI app, in front of ``TritonModel``s.
+
+``/v1/completions`` and ``/v1/chat/completions`` (JSON or server-sent events), ``/v1/embeddings``,
+``/v1/models`` and ``/v1/models/<id>``. (Why these routes are ours and not
+``kserve.protocol.rest.openai``: see ``llmserve.predictors.protocol``.)
+
+Each request: parse and validate the body (400s in OpenAI's error shape), find the model in
+kserve's registry (404), take a concurrency slot (429), then call Triton while watching for the
+client to disconnect. A disconnect cancels the Triton call; for streams Starlette notices it and
+closing our generator cancels the gRPC stream. Streams wait for the model's first chunk before
+answering, so a request the model rejects gets a real HTTP error status, not a 200 with an
+error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from kserve.model_repository import ModelRepository
+from starlette.responses import Response, StreamingResponse
+
+from .metrics import RequestRecord, Slot
+from .model import Chunk, TritonModel
+from .protocol import (
+    SSE_DONE, APIError, ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, EmbeddingRequest,
+    Usage, chat_messages, check_not_empty, embedding_response, model_card, models_response, parse_request,
+    requested_max_tokens, sse_event, to_json,
+)
+
+T = TypeVar("T")
+
+# OpenAI's default for /v1/completions; chat requests default to the whole --max-tokens budget.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+class OpenAIEndpoints:
+    def __init__(self, registry: ModelRepository, max_tokens: int) -> None:
+        self.registry = registry
+        self.max_tokens = max_tokens
+        self.created = int(time.time())
+
+    def router(self) -> APIRouter:
+        router = APIRouter(prefix="/v1", tags=["OpenAI"])
+        router.add_api_route("/completions", self.completions, methods=["POST"])
+        router.add_api_route("/chat/completions", self.chat_completions, methods=["POST"])
+        router.add_api_route("/embeddings", self.embeddings, methods=["POST"])
+        router.add_api_route("/models", self.models, methods=["GET"])
+        router.add_api_route("/models/{model_id}", self.model, methods=["GET"])
+        return router
+
+    def _model(self, name: str) -> TritonModel:
+        model = self.registry.get_model(name)
+        if not isinstance(model, TritonModel):
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        return model
+
+    async def models(self) -> Response:
+        names = [n for n, m in self.registry.get_models().items() if isinstance(m, TritonModel)]
+        return _json(models_response(names, self.created))
+
+    async def model(self, model_id: str) -> Response:
+        return _json(model_card(self._model(model_id).name, self.created))
+
+    async def completions(self, request: Request) -> Response:
+        body = parse_request(CompletionRequest, await request.body())
+        check_not_empty(body.prompt, "prompt")
+        model = self._model(body.model)
+        fields = _sampling(body, requested_max_tokens(body, COMPLETIONS_DEFAULT_MAX_TOKENS, self.max_tokens))
+        fields["text_input"] = body.prompt[0]
+        return await self._generate(request, model, body.stream, body.include_usage, fields,
+                                    CompletionFormat(model.name), "completions")
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = parse_request(ChatCompletionRequest, await request.body())
+        messages = chat_messages(body)
+        model = self._model(body.model)
+        fields = _sampling(body, requested_max_tokens(body, self.max_tokens, self.max_tokens))
+        fields["messages"] = to_json(messages)
+        return await self._generate(request, model, body.stream, body.include_usage, fields,
+                                    ChatFormat(model.name), "chat.completions")
+
+    async def embeddings(self, request: Request) -> Response:
+        body = parse_request(EmbeddingRequest, await request.body())
+        check_not_empty(body.input, "input")
+        model = self._model(body.model)
+        record = RequestRecord(model.name, "embeddings")
+        try:
+            with model.admission.acquire():
+                result = await _unless_disconnected(request, model.embed(body.input))
+        except BaseException as exc:
+            record.fail(exc)
+            raise
+        record.finish(200, result.usage)
+        return _json(embedding_response(model.name, result.vectors, result.usage, body.encoding_format))
+
+    async def _generate(self, request: Request, model: TritonModel, stream: bool, include_usage: bool,
+                        fields: dict[str, Any], fmt: CompletionFormat, endpoint: str) -> Response:
+        record = RequestRecord(model.name, endpoint)
+        try:
+            slot = model.admission.acquire()
+        except APIError as exc:
+            record.fail(exc)
+            raise
+        if not stream:
+            try:
+                with slot:
+                    result = await _unless_disconnected(request, model.generate(fields, fmt.id))
+            except BaseException as exc:
+                record.fail(exc)
+                raise
+            record.finish(200, result.usage)
+            return _json(fmt.response(result.text, result.finish_reason or "stop", result.usage))
+
+        chunks = model.stream(fields, fmt.id)
+        try:
+            first = await _unless_disconnected(request, anext(chunks))
+        except BaseException as exc:
+            slot.release()
+            await chunks.aclose()
+            record.fail(exc)
+            raise
+        record.first_token()
+        return StreamingResponse(_events(first, chunks, fmt, include_usage, slot, record),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _events(first: Chunk, chunks: AsyncIterator[Chunk], fmt: CompletionFormat, include_usage: bool,
+                  slot: Slot, record: RequestRecord) -> AsyncIterator[bytes]:
+    """The SSE body of a stream whose first chunk has arrived.
+
+    When the client disconnects, Starlette cancels this generator at its current ``await``: the
+    ``finally`` closes ``chunks``, which cancels the gRPC stream and so the request in Triton.
+    An error after the first chunk can only be reported in the stream, as an ``error`` event
+    (the official client raises it), followed by no ``[DONE]``.
+    """
+    usage: Usage | None = None
+    try:
+        opening = fmt.first_chunk()
+        if opening is not None:
+            yield sse_event(opening)
+        chunk: Chunk | None = first
+        while chunk is not None:
+            if chunk.text:
+                yield sse_event(fmt.chunk(chunk.text))
+            usage = chunk.usage
+            if chunk.finish_reason is not None:
+                yield sse_event(fmt.finish_chunk(chunk.finish_reason))
+                break
+            chunk = await anext(chunks, None)
+        if include_usage and usage is not None:
+            yield sse_event(fmt.usage_chunk(usage))
+        yield SSE_DONE
+        record.finish(200, usage)
+    except APIError as exc:
+        record.fail(exc)
+        yield sse_event(exc.openai_body())
+    except Exception as exc:
+        record.fail(exc)
+        raise
+    finally:
+        # Still unrecorded here: the client went away (cancellation or generator close).
+        record.finish(499, usage)
+        slot.release()
+        await chunks.aclose()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first; then cancel it and raise 499.
+
+    Cancelling ``work`` cancels the gRPC call it waits on, which is how a client that gives up
+    before its answer is ready stops the work in Triton. The body has been read already, so the
+    next ASGI message can only be ``http.disconnect``.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise APIError(499, "the client closed the connection", code="client_closed_request")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:
+    """The generate model's sampling inputs; ``None`` (not given) is left to the model."""
+    return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
+            "stop": body.stop}
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(to_json(body), status_code=status, media_type="application/json")
