@@ -16,7 +16,11 @@ Choices that matter for serving (DESIGN §5):
 - ``--disable-auto-complete-config``: the served config is exactly the ``config.pbtxt`` in the
   version's artifact, part of its identity; Triton does not fill in or alter fields.
 - Metrics on, sampled every ``metrics_interval_ms``: the canary analysis and the autoscaler read
-  ``nv_inference_*`` through Prometheus.
+  ``nv_inference_*`` through Prometheus. ``summary_latencies=true`` adds the request-latency
+  summaries (``nv_inference_request_summary_us{quantile="0.99"}``, a per-pod quantile over
+  Triton's 60 s sliding window): Triton exports no latency histogram for non-decoupled models, so
+  these summaries are the only tail latency it offers; the default cumulative counters give only
+  a mean.
 - Logs go to stdout/stderr (``kubectl logs``; a file when run locally), info/warning/error on.
 """
 
@@ -85,6 +89,7 @@ def tritonserver_command(
         f"--metrics-address={address}",
         f"--metrics-port={metrics_port}",
         f"--metrics-interval-ms={metrics_interval_ms}",
+        "--metrics-config=summary_latencies=true",
         "--log-info=true",
         "--log-warning=true",
         "--log-error=true",

@@ -24,6 +24,7 @@ def test_pod_defaults_serve_named_models_explicitly_on_standard_ports():
         "--grpc-port=8001",
         "--metrics-port=8002",
         "--metrics-interval-ms=1000",
+        "--metrics-config=summary_latencies=true",
         "--log-verbose=0",
     ):
         assert flag in argv
