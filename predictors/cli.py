@@ -37,8 +37,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                              f"(default {DEFAULT_MAX_CONCURRENCY})")
     parser.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
                         help="the most completion tokens a request may ask for, and the budget of chat requests "
-                             f"that name none (default {DEFAULT_MAX_TOKENS}; the model stops at its context "
-                             "window anyway)")
+                             f"that name none (default {DEFAULT_MAX_TOKENS}; less when the model's config declares "
+                             "a smaller context_length)")
     parser.add_argument("--request-timeout", type=_positive_float, default=DEFAULT_REQUEST_TIMEOUT,
                         metavar="SECONDS",
                         help=f"deadline of each Triton call, whole streams included (default {DEFAULT_REQUEST_TIMEOUT:g})")

@@ -41,10 +41,11 @@ class Embeddings:
 class TritonModel(Model):
     """A model served by Triton, registered with kserve under the same name."""
 
-    def __init__(self, name: str, triton: Triton, admission: Admission) -> None:
+    def __init__(self, name: str, triton: Triton, admission: Admission, max_tokens: int) -> None:
         super().__init__(name)
         self.triton = triton
         self.admission = admission
+        self.max_tokens = max_tokens
         # Registered and callable from the start; whether it can answer is Triton's to say
         # (healthy()). kserve only registers models that are ready when the server starts.
         self.ready = True
@@ -54,6 +55,12 @@ class TritonModel(Model):
 
     async def interface(self) -> ModelInterface:
         return await self.triton.interface(self.name)
+
+    async def token_budget(self) -> int:
+        """The most completion tokens a request may ask for: ``--max-tokens``, and less than the
+        model's context window when its config declares one (a prompt takes at least a token)."""
+        context_length = (await self.interface()).context_length
+        return min(self.max_tokens, context_length - 1) if context_length else self.max_tokens
 
     async def get_input_types(self) -> list[dict[str, Any]]:
         interface = await self.interface()

@@ -33,14 +33,13 @@ from .protocol import (
 
 T = TypeVar("T")
 
-# OpenAI's default for /v1/completions; chat requests default to the whole --max-tokens budget.
+# OpenAI's default for /v1/completions; chat requests default to the model's whole token budget.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 class OpenAIEndpoints:
-    def __init__(self, registry: ModelRepository, max_tokens: int) -> None:
+    def __init__(self, registry: ModelRepository) -> None:
         self.registry = registry
-        self.max_tokens = max_tokens
         self.created = int(time.time())
 
     def router(self) -> APIRouter:
@@ -69,7 +68,8 @@ class OpenAIEndpoints:
         body = parse_request(CompletionRequest, await request.body())
         check_not_empty(body.prompt, "prompt")
         model = self._model(body.model)
-        fields = _sampling(body, requested_max_tokens(body, COMPLETIONS_DEFAULT_MAX_TOKENS, self.max_tokens))
+        budget = await model.token_budget()
+        fields = _sampling(body, requested_max_tokens(body, COMPLETIONS_DEFAULT_MAX_TOKENS, budget))
         fields["text_input"] = body.prompt[0]
         return await self._generate(request, model, body.stream, body.include_usage, fields,
                                     CompletionFormat(model.name), "completions")
@@ -78,7 +78,8 @@ class OpenAIEndpoints:
         body = parse_request(ChatCompletionRequest, await request.body())
         messages = chat_messages(body)
         model = self._model(body.model)
-        fields = _sampling(body, requested_max_tokens(body, self.max_tokens, self.max_tokens))
+        budget = await model.token_budget()
+        fields = _sampling(body, requested_max_tokens(body, budget, budget))
         fields["messages"] = to_json(messages)
         return await self._generate(request, model, body.stream, body.include_usage, fields,
                                     ChatFormat(model.name), "chat.completions")

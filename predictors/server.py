@@ -63,7 +63,7 @@ def serve(args: argparse.Namespace) -> None:
     from .triton import Triton
 
     triton = Triton(args.triton_grpc, request_timeout=args.request_timeout)
-    model = TritonModel(args.model, triton, Admission(args.model, args.max_concurrency))
+    model = TritonModel(args.model, triton, Admission(args.model, args.max_concurrency), args.max_tokens)
     server = ModelServer(http_port=args.http_port, enable_grpc=False, enable_latency_logging=False,
                          enable_docs_url=False)
     server.dataplane = TritonDataPlane(model_registry=server.registered_models)
@@ -72,7 +72,7 @@ def serve(args: argparse.Namespace) -> None:
     app = kserve_model_server.app
     # Included before kserve adds its V1 routes at start(), so OpenAI's /v1/models wins over
     # kserve's V1 /v1/models of the same path.
-    app.include_router(OpenAIEndpoints(server.registered_models, args.max_tokens).router())
+    app.include_router(OpenAIEndpoints(server.registered_models).router())
     app.add_exception_handler(APIError, api_error_handler)
     log.info("predictor for model %r on :%d, Triton gRPC at %s, at most %d concurrent requests",
              args.model, args.http_port, args.triton_grpc, args.max_concurrency)

@@ -85,6 +85,7 @@ class ModelInterface:
     outputs: Mapping[str, TensorSpec]
     max_batch_size: int
     decoupled: bool
+    parameters: Mapping[str, str]  # the config's string parameters: model facts such as context_length
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelInterface:
@@ -108,7 +109,14 @@ class ModelInterface:
             outputs=specs("output"),
             max_batch_size=int(config.get("max_batch_size", 0)),
             decoupled=bool(config.get("model_transaction_policy", {}).get("decoupled", False)),
+            parameters={k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()},
         )
+
+    @property
+    def context_length(self) -> int | None:
+        """The context window the model declares (``llmserve build`` writes it), if any."""
+        value = self.parameters.get("context_length", "")
+        return int(value) if value.isdigit() else None
 
     @property
     def task(self) -> str | None:

@@ -3,9 +3,9 @@
 The prompt (``text_input``, or the last message's content of ``messages``) is split into words;
 the completion repeats those words, one word per token, until ``max_tokens`` or a ``stop``
 sequence. Sampling inputs are accepted and ignored. Streaming sends one response per word.
-Between tokens it sleeps ``delay_ms`` (config parameter) and checks ``request.is_cancelled()``;
-a cancelled request is logged as ``echo: request <id> cancelled`` so a test can see that a client
-disconnect reached the model.
+Between tokens it sleeps ``delay_ms`` (config parameter) and checks ``request.is_cancelled()``.
+It logs ``echo: request <id> started`` and, when Triton cancels it, ``echo: request <id>
+cancelled``, so a test can see that a client disconnect reached the model.
 """
 
 import json
@@ -47,6 +47,7 @@ class TritonPythonModel:
         stop_tensor = pb_utils.get_input_tensor_by_name(request, "stop")
         stops = [] if stop_tensor is None else [s.decode() for s in stop_tensor.as_numpy().reshape(-1)]
         stream = bool(_value(request, "stream", False))
+        self.log.log_info(f"echo: request {request.request_id()} started")
         output, finish = "", None
         for count in range(1, max_tokens + 1):
             if self.delay:

@@ -1,0 +1,120 @@
+"""Run ``llmserve predictor`` as a local process, as the pod's sidecar runs it.
+
+Pods in the test bed are simulated, so the data-plane tests, the benchmark and the quickstart run
+the predictor here, next to a local ``TritonServer`` (``llmserve.testbed.triton``), with the argv
+the operator renders (``predictor_command``) on a free loopback port:
+
+    with TritonServer(repo, {"generate": 1}) as triton, LocalPredictor(triton.grpc_url, "generate") as p:
+        OpenAI(base_url=p.openai_base_url, api_key="unused").chat.completions.create(...)
+
+Only the standard library and the test bed's process helpers are imported, so callers need not
+install kserve in their own process (the child process does the serving).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..testbed.procs import LocalProcess, free_ports, tail
+from ..testbed.triton import _http_ok
+from .cli import predictor_command
+
+
+class PredictorError(RuntimeError):
+    """The predictor process failed to start or to become ready; the message has its log tail."""
+
+
+class LocalPredictor:
+    """``llmserve predictor --triton-grpc <triton_grpc> --model <model>`` on 127.0.0.1.
+
+    ``flags`` are further predictor flags by dest name (``max_concurrency=2``). ``start`` returns
+    once the predictor is live and, with ``wait_ready`` (default), once it reports ready, which
+    means Triton has the model ready.
+    """
+
+    def __init__(self, triton_grpc: str, model: str, *, startup_timeout: float = 60.0, **flags: int | float) -> None:
+        self.triton_grpc = triton_grpc
+        self.model = model
+        self.flags = flags
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self._workdir: Path | None = None
+        self._process: LocalProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        """What the official client takes as ``base_url``."""
+        return f"{self.url}/v1"
+
+    @property
+    def log_path(self) -> Path:
+        if self._workdir is None:
+            raise PredictorError("the predictor has not been started")
+        return self._workdir / "predictor.log"
+
+    def log_tail(self, lines: int = 60) -> str:
+        return tail(self.log_path, lines)
+
+    def returncode(self) -> int | None:
+        """The exit status once the process has ended, else None."""
+        return self._process.returncode() if self._process is not None else None
+
+    @property
+    def command(self) -> list[str]:
+        # The console script `llmserve` of this interpreter, run as a module so it is the same venv.
+        argv = predictor_command(self.triton_grpc, self.model, http_port=self.port, **self.flags)
+        return [sys.executable, "-m", "llmserve.cli", *argv[1:]]
+
+    def start(self, *, wait_ready: bool = True) -> LocalPredictor:
+        if self._process is not None:
+            raise PredictorError("the predictor is already running")
+        self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-predictor-"))
+        self.port = free_ports(1)[0]
+        self._process = LocalProcess(self.command, self.log_path, cwd=self._workdir)
+        self._process.start()
+        try:
+            self._wait("live", "/v2/health/live")
+            if wait_ready:
+                self._wait("ready", "/v2/health/ready")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, what: str, path: str) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while not _http_ok(self.url + path):
+            code = self._process.returncode()
+            if code is not None:
+                raise PredictorError(f"the predictor exited with status {code} before it was {what} "
+                                     f"(command: {' '.join(self.command)})\n--- log tail ---\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise PredictorError(f"the predictor was not {what} after {self.startup_timeout:.0f}s ({self.url}{path})"
+                                     f"\n--- log tail ---\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM (uvicorn shuts down gracefully), SIGKILL after a grace period, then remove the
+        log. Idempotent."""
+        if self._process is not None:
+            self._process.stop(grace=15)
+            self._process = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> LocalPredictor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
