@@ -75,8 +75,12 @@ def _error_type(status: int) -> str:
 
 
 def _as_list(value: Any) -> Any:
-    """``"x"`` -> ``["x"]``; anything else is left for the list validator to judge."""
-    return [value] if isinstance(value, str) else value
+    """``"x"`` -> ``["x"]``; a list is left for the list validator to check its items."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("expected a string or an array of strings")
+    return value
 
 
 def _message_text(content: Any) -> Any:
