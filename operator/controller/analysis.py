@@ -1,0 +1,251 @@
+"""Canary analysis: is the canary revision worse than the thresholds, by Triton's own metrics?
+
+One check compares the canary's pods with the stable pods over the last `interval`, from the
+series Prometheus scrapes from Triton and labels with the pod labels (`labelmap` of the pod
+labels, plus `namespace` from Kubernetes service discovery; the same convention the autoscaling
+rules use):
+
+- error rate = increase(nv_inference_request_failure) / increase(failure + success), summed over
+  every pod of the revision. Triton counts a request as failed when the backend fails it (a
+  python model's `execute` raising, an ONNX/TensorRT error), when it is rejected (queue full) or
+  cancelled. Malformed client requests are refused before they reach the model and are counted
+  nowhere, so they do not make a canary look bad.
+- p99 latency = `nv_inference_request_summary_us{quantile="0.99"}`, the tritonserver summary the
+  operator turns on (`--metrics-config=summary_latencies=true`, see `llmserve.tritoncmd`), taken
+  as the highest value of any pod of the revision during the window. Why this and not something
+  else: Triton exports no latency histogram for non-decoupled models, so no `histogram_quantile`
+  over the fleet is possible; its cumulative `nv_inference_request_duration_us` counter gives only
+  the mean, which hides exactly the tail a bad release adds. A summary quantile cannot be averaged
+  across pods, but the maximum of the pods' p99s is an upper bound of the fleet's p99 (at most 1%
+  of each pod's requests, hence of all requests, are slower), so the gate errs on the safe side.
+  Triton's summaries cover a 60 s sliding window (prometheus-cpp's default, checked against the
+  real 2.51 server), which for short intervals makes a slow spell count a little longer than the
+  interval: again the safe side. The summary observes successful requests only.
+
+Verdicts (Argo Rollouts and Flagger count "no data" as success in some setups; we never do):
+- Inconclusive: Prometheus unreachable or failing, or the canary served fewer than `minRequests`
+  requests in the window, or a latency threshold is set but no latency was exported. It never
+  advances a step and never counts as a failure.
+- Fail: error rate or p99 above its threshold; `fatal` when every request failed (the rollout
+  aborts at once instead of waiting for `failureLimit` failed checks).
+- Pass: otherwise.
+The stable revision is measured with the same queries so every verdict and Event shows both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+
+from .units import parse_duration, parse_quantity
+
+PASS, FAIL, INCONCLUSIVE = "Pass", "Fail", "Inconclusive"
+
+NAMESPACE_LABEL = "namespace"
+SERVICE_LABEL = "llmserve_io_service"
+REVISION_LABEL = "llmserve_io_revision"
+MODEL_LABEL = "model"  # Triton's own label: the model name
+
+DEFAULT_INTERVAL = "1m"
+DEFAULT_FAILURE_LIMIT = 2
+DEFAULT_MIN_REQUESTS = 10
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """`spec.rollout.analysis`: how often to check and what a failed check is."""
+
+    interval: float = 60.0
+    failure_limit: int = DEFAULT_FAILURE_LIMIT
+    max_error_rate: float | None = None
+    max_p99_ms: float | None = None
+    min_requests: int = DEFAULT_MIN_REQUESTS
+    prometheus_url: str = ""  # overrides the operator's --prometheus-url for this service
+
+    @classmethod
+    def from_spec(cls, section: dict | None) -> Criteria | None:
+        """None when the spec asks for no analysis: steps then advance on their pauses alone."""
+        if section is None:
+            return None
+        error_rate, p99 = section.get("maxErrorRate"), section.get("maxP99Latency")
+        return cls(
+            interval=parse_duration(section.get("interval") or DEFAULT_INTERVAL),
+            failure_limit=int(section.get("failureLimit", DEFAULT_FAILURE_LIMIT)),
+            max_error_rate=float(parse_quantity(error_rate)) if error_rate is not None else None,
+            max_p99_ms=parse_duration(p99) * 1000 if p99 else None,
+            min_requests=int(section.get("minRequests", DEFAULT_MIN_REQUESTS)),
+            prometheus_url=(section.get("prometheus") or {}).get("url", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One revision's numbers over the window. `p99_ms` is None when no latency was exported."""
+
+    requests: float
+    failures: float
+    p99_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.failures / self.requests if self.requests > 0 else None
+
+    def describe(self) -> str:
+        parts = [f"{self.requests:.0f} requests"]
+        if self.error_rate is not None:
+            parts.append(f"error rate {self.error_rate:.2%}")
+        if self.p99_ms is not None:
+            parts.append(f"p99 {self.p99_ms:.0f}ms")
+        return ", ".join(parts)
+
+    def to_status(self) -> dict:
+        out = {"requests": round(self.requests), "failures": round(self.failures)}
+        if self.error_rate is not None:
+            out["errorRate"] = f"{self.error_rate:.4f}"
+        if self.p99_ms is not None:
+            out["p99LatencyMs"] = round(self.p99_ms, 1)
+        return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    result: str  # PASS | FAIL | INCONCLUSIVE
+    message: str
+    canary: Measurement | None = None
+    stable: Measurement | None = None
+    fatal: bool = False  # every canary request failed: abort without waiting for failureLimit
+
+    def to_status(self) -> dict:
+        out = {"result": self.result, "message": self.message}
+        if self.canary is not None:
+            out["canary"] = self.canary.to_status()
+        if self.stable is not None:
+            out["stable"] = self.stable.to_status()
+        return out
+
+
+def _window(seconds: float) -> str:
+    return f"{max(1, round(seconds))}s"
+
+
+def queries(namespace: str, service: str, model: str, revisions: list[str], window: float) -> dict[str, str]:
+    """The three instant queries of one check, each grouped by revision so one answer covers the
+    canary and the stable pods."""
+    revs = "|".join(revisions)
+    sel = (f'{NAMESPACE_LABEL}="{namespace}",{SERVICE_LABEL}="{service}",{MODEL_LABEL}="{model}",'
+           f'{REVISION_LABEL}=~"{revs}"')
+    w, by = _window(window), f"sum by ({REVISION_LABEL})"
+    return {
+        "failures": f"{by} (increase(nv_inference_request_failure{{{sel}}}[{w}]))",
+        "successes": f"{by} (increase(nv_inference_request_success{{{sel}}}[{w}]))",
+        "p99_us": (f"max by ({REVISION_LABEL}) "
+                   f'(max_over_time(nv_inference_request_summary_us{{{sel},quantile="0.99"}}[{w}]))'),
+    }
+
+
+def measurements(results: dict[str, dict[str, float]], revisions: list[str]) -> dict[str, Measurement]:
+    """Per-revision measurements from query results (`{query key: {revision: value}}`).
+
+    A revision absent from both request counters has no series in the window (not scraped yet,
+    or no pod): it gets no measurement. NaN (a summary with no observations in Triton's window)
+    means no latency.
+    """
+    out = {}
+    for rev in revisions:
+        failures, successes = results["failures"].get(rev), results["successes"].get(rev)
+        if failures is None and successes is None:
+            continue
+        p99 = results["p99_us"].get(rev)
+        out[rev] = Measurement(
+            requests=(failures or 0.0) + (successes or 0.0),
+            failures=failures or 0.0,
+            p99_ms=p99 / 1000 if p99 is not None and not math.isnan(p99) else None,
+        )
+    return out
+
+
+def judge(criteria: Criteria, canary: Measurement | None, stable: Measurement | None, window: float) -> Verdict:
+    """The verdict of one check from the measurements (pure)."""
+    context = f"stable: {stable.describe()}" if stable else "stable: no data"
+    span = _window(window)
+    if canary is None or canary.requests < criteria.min_requests:
+        served = f"{canary.requests:.0f}" if canary else "no"
+        return Verdict(INCONCLUSIVE, f"canary served {served} requests in the last {span}; a check needs at "
+                       f"least {criteria.min_requests} ({context})", canary, stable)
+    what = f"canary: {canary.describe()}; {context}"
+    if canary.failures >= canary.requests:
+        return Verdict(FAIL, f"every canary request failed in the last {span} ({what})", canary, stable, fatal=True)
+    breaches = []
+    if criteria.max_error_rate is not None and canary.error_rate > criteria.max_error_rate:
+        breaches.append(f"error rate {canary.error_rate:.2%} > {criteria.max_error_rate:.2%}")
+    if criteria.max_p99_ms is not None:
+        if canary.p99_ms is None:
+            return Verdict(INCONCLUSIVE, f"no p99 latency exported for the canary in the last {span} "
+                           f"(is tritonserver running with --metrics-config=summary_latencies=true?); {what}",
+                           canary, stable)
+        if canary.p99_ms > criteria.max_p99_ms:
+            breaches.append(f"p99 {canary.p99_ms:.0f}ms > {criteria.max_p99_ms:.0f}ms")
+    if breaches:
+        return Verdict(FAIL, f"{' and '.join(breaches)} ({what})", canary, stable)
+    return Verdict(PASS, what, canary, stable)
+
+
+class PrometheusError(Exception):
+    """Prometheus could not answer (unreachable, timeout, HTTP or query error)."""
+
+
+class PrometheusClient:
+    """A minimal async client of Prometheus' instant-query API (`GET /api/v1/query`); one HTTP
+    session per `async with` block."""
+
+    def __init__(self, url: str, timeout: float = 10.0):
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self._session = None
+
+    async def __aenter__(self) -> PrometheusClient:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+
+    async def query(self, promql: str) -> list[tuple[dict, float]]:
+        """The samples of an instant vector: (labels, value) each."""
+        import aiohttp
+
+        try:
+            async with self._session.get(f"{self.url}/api/v1/query", params={"query": promql}) as response:
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError as exc:
+                    raise PrometheusError(f"{self.url} answered HTTP {response.status} without JSON") from exc
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise PrometheusError(f"{self.url} unreachable: {exc or type(exc).__name__}") from exc
+        if body.get("status") != "success":
+            raise PrometheusError(f"{self.url}: {body.get('errorType')}: {body.get('error')}")
+        data = body["data"]
+        if data["resultType"] != "vector":
+            raise PrometheusError(f"{promql!r} returned a {data['resultType']}, not a vector")
+        return [(item["metric"], float(item["value"][1])) for item in data["result"]]
+
+
+async def analyze(prometheus_url: str, criteria: Criteria, *, namespace: str, service: str, model: str,
+                  canary: str, stable: str) -> Verdict:
+    """Run one check of `canary` against `stable` (revision names) over the last interval."""
+    if not prometheus_url:
+        return Verdict(INCONCLUSIVE, "no Prometheus to analyze with: set spec.rollout.analysis.prometheus.url "
+                       "or the operator's --prometheus-url (chart value prometheus.url)")
+    revisions = [canary, stable]
+    results = {}
+    try:
+        async with PrometheusClient(prometheus_url) as prometheus:
+            for key, promql in queries(namespace, service, model, revisions, criteria.interval).items():
+                results[key] = {labels.get(REVISION_LABEL, ""): value
+                                for labels, value in await prometheus.query(promql)}
+    except PrometheusError as exc:
+        return Verdict(INCONCLUSIVE, f"Prometheus: {exc}")
+    found = measurements(results, revisions)
+    return judge(criteria, found.get(canary), found.get(stable), criteria.interval)
