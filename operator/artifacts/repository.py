@@ -147,7 +147,9 @@ def staging_dir(repo: Path, model: str) -> Path:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PublishError(f"cannot create {model_dir}: {exc.strerror}") from None
-    return Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    staged.chmod(0o755)  # mkdtemp's 0700 would hide the published version from other users
+    return staged
 
 
 def check_version_free(repo: Path, model: str, version: int | None) -> None:

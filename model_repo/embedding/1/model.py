@@ -47,7 +47,7 @@ class Embedder:
             "token_type_ids": [e.type_ids for e in encodings],
         }
         feeds = {name: np.array(columns[name], np.int64) for name in self.inputs}
-        (embeddings,) = self.session.run(["embedding"], feeds)
+        (embeddings,) = self.session.run(["sentence_embedding"], feeds)
         counts = np.array([sum(e.attention_mask) for e in encodings], np.int32)
         return embeddings.astype(np.float32), counts
 
