@@ -41,6 +41,8 @@ COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 class TestBedError(RuntimeError):
     """The test bed could not start or is not running; the message says which component and why."""
 
+    __test__ = False
+
 
 def node_manifest(name: str, gpus: int, taints: list[dict] | None = None) -> dict:
     """A Node that KWOK manages: GPU capacity and the labels GPU feature discovery would set."""

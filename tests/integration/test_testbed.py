@@ -166,7 +166,8 @@ def test_a_second_test_bed_runs_beside_and_down_leaves_nothing(testbed):
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"process {pid} survived down"
     for port in ports:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # would raise if anything still listened
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, LISTEN is not
+            s.bind(("127.0.0.1", port))
     assert testbed.kubectl("get", "nodes").returncode == 0  # the first one is untouched
 
 
@@ -191,7 +192,7 @@ def test_a_failing_component_reports_its_log_tail(monkeypatch):
 
 
 def test_cli_reports_a_missing_test_bed_without_a_traceback():
-    result = subprocess.run([sys.executable, "-m", "llmserve.cli", "testbed", "kubeconfig", "--name", "never-started"],
+    result = subprocess.run([sys.executable, "-m", "llmserve", "testbed", "kubeconfig", "--name", "never-started"],
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "is not up" in result.stderr and "Traceback" not in result.stderr
