@@ -2,6 +2,12 @@
 
 from pathlib import Path
 
+import pytest
+
+# Fixture modules import each other's helpers; mark the package first so every one of them
+# still gets pytest's assertion rewriting, whatever order they load in.
+pytest.register_assert_rewrite("fixtures")
+
 pytest_plugins = sorted(
     f"fixtures.{path.stem}"
     for path in (Path(__file__).parent / "fixtures").glob("*.py")
