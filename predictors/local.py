@@ -71,7 +71,7 @@ class LocalPredictor:
     def command(self) -> list[str]:
         # The console script `llmserve` of this interpreter, run as a module so it is the same venv.
         argv = predictor_command(self.triton_grpc, self.model, http_port=self.port, **self.flags)
-        return [sys.executable, "-m", "llmserve.cli", *argv[1:]]
+        return [sys.executable, "-m", "llmserve", *argv[1:]]
 
     def start(self, *, wait_ready: bool = True) -> LocalPredictor:
         if self._process is not None:

@@ -85,7 +85,7 @@ class LocalOperator:
         self.port = free_ports(1)[0]
         self.identity = identity
         self.log_path = log_path
-        argv = [sys.executable, "-m", "llmserve.cli", "operator", "run", f"--kubeconfig={kubeconfig}",
+        argv = [sys.executable, "-m", "llmserve", "operator", "run", f"--kubeconfig={kubeconfig}",
                 f"--identity={identity}", f"--lease-namespace={lease_namespace}", f"--lease-name={lease_name}",
                 f"--lease-duration={lease_duration}", "--health-address=127.0.0.1",
                 f"--health-port={self.port}", *extra_args]
