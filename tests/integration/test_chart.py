@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from llmserve.controller.local import CHART_DIR
-from llmserve.testbed.toolchain import HELM
+from llmserve.testbed.toolchain import HELM, KUBERNETES_VERSION
 
 VARIANTS = {
     "defaults": [],
@@ -15,6 +15,8 @@ VARIANTS = {
     "crd-deleted-on-uninstall": ["--set", "crds.keep=false"],
     "no-crd-no-rbac": ["--set", "crds.install=false", "--set", "rbac.create=false",
                        "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops"],
+    "autoscaling": ["--set", "prometheusAdapter.rules.create=true", "--set", "prometheusAdapter.rules.namespace=monitoring",
+                    "--set", "prometheus.url=http://prometheus-operated.monitoring.svc:9090"],
 }
 
 
@@ -25,7 +27,9 @@ def helm(*args):
 
 
 def render(*args):
-    docs = yaml.safe_load_all(helm("template", "llmserve", str(CHART_DIR), "--namespace", "ops", *args))
+    # helm built from source assumes Kubernetes v1.20 unless told; the chart needs >= 1.30.
+    docs = yaml.safe_load_all(helm("template", "llmserve", str(CHART_DIR), "--namespace", "ops",
+                                   "--kube-version", KUBERNETES_VERSION, *args))
     return {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs if d}
 
 
@@ -74,6 +78,16 @@ def test_crd_is_deleted_on_uninstall_only_when_asked():
 
 def test_values_schema_rejects_unknown_and_mistyped_values():
     for bad in (["--set", "replicaCount=two"], ["--set", "logLevel=verbose"], ["--set", "unknownKey=1"]):
-        result = subprocess.run([str(HELM.path("helm")), "template", str(CHART_DIR), *bad],
+        result = subprocess.run([str(HELM.path("helm")), "template", str(CHART_DIR),
+                                 "--kube-version", KUBERNETES_VERSION, *bad],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode != 0 and "values don't meet the specifications of the schema" in result.stderr
+
+
+def test_prometheus_adapter_rules_and_prometheus_url_are_opt_in():
+    assert not [k for k in render() if k[0] == "ConfigMap"]
+    objs = render(*VARIANTS["autoscaling"])
+    rules = objs["ConfigMap", "monitoring", "llmserve-prometheus-adapter"]["data"]["config.yaml"]
+    assert rules == (CHART_DIR / "files" / "prometheus-adapter.yaml").read_text()
+    [container] = objs["Deployment", "ops", "llmserve"]["spec"]["template"]["spec"]["containers"]
+    assert {"name": "LLMSERVE_PROMETHEUS_URL", "value": "http://prometheus-operated.monitoring.svc:9090"} in container["env"]
