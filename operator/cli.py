@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "llmserve.controller.cli",
     "llmserve.artifacts.cli",
     "llmserve.predictors.cli",
+    "llmserve.quickstart",
 )
 
 
