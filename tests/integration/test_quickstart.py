@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from llmserve.testbed.paths import state_root
+
 pytestmark = [pytest.mark.cluster, pytest.mark.triton, pytest.mark.slow]
 
 
@@ -22,4 +24,4 @@ def test_quickstart_serves_a_chat_completion_through_the_operator_chosen_version
                       "starting tritonserver", "starting the predictor sidecar", "done in"):
         assert milestone in log, f"missing step {milestone!r}:\n{log[-3000:]}"
     assert result.stdout.strip(), "the chat completion came back empty"
-    assert not os.path.exists(os.path.expanduser(f"~/.cache/llmserve/testbeds/{name}"))
+    assert not (state_root() / name).exists(), "--down left the test bed behind"
