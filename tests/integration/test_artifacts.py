@@ -1,0 +1,176 @@
+"""Built artifacts served by the real tritonserver answer like the PyTorch models they came from;
+published versions are immutable and tamper-evident; the gate refuses lossy artifacts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmserve.artifacts import client, gate
+from llmserve.artifacts.build import BuildError, BuildRequest, build
+from llmserve.artifacts.manifest import list_files, pull, verify_version
+
+pytestmark = pytest.mark.triton
+
+PROMPTS = ["Beautiful is", "Now is better", "Errors should", "Simple", "If the implementation is"]
+
+
+def _torch_greedy(source: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos)
+        texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def _pulled(built, tmp_path) -> Path:
+    """Install the version the way the pod's init container does, and serve from there."""
+    dest = tmp_path / "pulled"
+    pull(built.repo, built.name, built.version, dest)
+    return dest
+
+
+def test_generate_matches_pytorch_through_triton(tiny_lm_artifact, triton_server, tmp_path):
+    server = triton_server(_pulled(tiny_lm_artifact, tmp_path), {"tiny-lm": 1})
+    expected = _torch_greedy(tiny_lm_artifact.source, PROMPTS, 24)
+    # Sent together: the dynamic batcher hands them to one execute(), prefilled left-padded.
+    answers = client.generate(server.grpc_url, "tiny-lm",
+                              [{"prompt": p, "max_tokens": 24} for p in PROMPTS])
+    assert [a.error for a in answers] == [None] * len(PROMPTS)
+    assert [a.text for a in answers] == expected
+    assert all(a.finish_reason == "length" and a.completion_tokens == 24 for a in answers)
+
+
+def test_generate_sampling_stop_streaming_and_errors(tiny_lm_artifact, triton_server, tmp_path):
+    server = triton_server(_pulled(tiny_lm_artifact, tmp_path), {"tiny-lm": 1})
+    url = server.grpc_url
+    seeded = {"prompt": "Flat is", "max_tokens": 30, "temperature": 1.0, "top_p": 0.9, "seed": 42}
+    first, second, other = client.generate(url, "tiny-lm", [seeded, seeded, {**seeded, "seed": 7}])
+    assert first.text == second.text  # same seed, same text, even batched together
+    assert first.completion_tokens == 30
+
+    streamed, whole = client.generate(url, "tiny-lm", [
+        {"prompt": "Beautiful is", "max_tokens": 40, "stream": True},
+        {"prompt": "Beautiful is", "max_tokens": 40},
+    ])
+    assert len(streamed.chunks) > 3 and streamed.text == whole.text
+
+    stopped, = client.generate(url, "tiny-lm", [{"prompt": "Beautiful is", "max_tokens": 40,
+                                                  "stop": ["than"], "stream": True}])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == whole.text[:whole.text.index("than")]
+
+    chat, = client.generate(url, "tiny-lm", [{"messages": [{"role": "user", "content": "Hi"}],
+                                               "max_tokens": 5}])
+    assert chat.error is None and chat.completion_tokens == 5
+    assert chat.prompt_tokens == len("<|user|>Hi\n<|assistant|>")  # byte-level tokenizer
+
+    bad, = client.generate(url, "tiny-lm", [{"max_tokens": 5}])
+    assert "exactly one of text_input and messages" in bad.error
+    too_long, = client.generate(url, "tiny-lm", [{"prompt": "x" * 600}])
+    assert "context window" in too_long.error
+
+
+def test_embeddings_match_pytorch_through_triton(minilm_artifact, triton_server, tmp_path):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from llmserve.artifacts.build import EncoderForEmbedding
+
+    server = triton_server(_pulled(minilm_artifact, tmp_path), {"minilm": 1})
+    texts = gate.EMBEDDING_TEXTS
+    embeddings, counts = client.embed(server.http_address, "minilm", texts)
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_artifact.source)
+    model = EncoderForEmbedding(AutoModel.from_pretrained(minilm_artifact.source), "mean", True)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        reference = model.eval()(**enc).numpy()
+    metrics = gate.cosine_metrics(reference, embeddings)
+    assert metrics["mean_cosine"] >= 0.99
+    assert embeddings.shape == (len(texts), 384)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-3)
+    assert counts.tolist() == enc["attention_mask"].sum(1).tolist()
+
+
+def test_next_version_leaves_the_previous_one_byte_identical(tiny_lm_artifact, artifact_copy):
+    built = artifact_copy(tiny_lm_artifact)
+    v1 = built.path
+    before = {rel: (v1 / rel).read_bytes() for rel in list_files(v1)}
+    result = build(BuildRequest(source=built.source, repo=built.repo, model=built.name,
+                                kind="generate", variant="fp16"))
+    assert result.version == 2
+    assert {rel: (v1 / rel).read_bytes() for rel in list_files(v1)} == before
+    verify_version(v1)
+    verify_version(result.path, result.manifest_sha256)
+    assert (built.repo / built.name / "config.pbtxt").read_bytes() == \
+        (result.path / "config.pbtxt").read_bytes()
+
+    with pytest.raises(Exception, match="already exists"):
+        build(BuildRequest(source=built.source, repo=built.repo, model=built.name, version=1))
+
+
+def test_a_flipped_byte_is_refused_by_verify_and_pull(tiny_lm_artifact, artifact_copy, tmp_path):
+    built = artifact_copy(tiny_lm_artifact)
+    onnx_file = built.path / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    onnx_file.write_bytes(bytes(data))
+    llmserve = str(Path(sys.executable).parent / "llmserve")
+    verify = subprocess.run([llmserve, "verify", built.repo, built.name, "1"],
+                            capture_output=True, text=True)
+    assert verify.returncode == 1
+    assert "sha256 of model.onnx does not match the manifest" in verify.stderr
+    dest = tmp_path / "dest"
+    pulled = subprocess.run([llmserve, "pull", "--source", built.repo, "--model", built.name,
+                             "--version", "1", "--dest", dest], capture_output=True, text=True)
+    assert pulled.returncode == 1 and "model.onnx" in pulled.stderr
+    assert not (dest / built.name).exists()
+
+
+def test_build_errors_are_clear(tmp_path, tiny_lm_source):
+    llmserve = str(Path(sys.executable).parent / "llmserve")
+
+    def run(*args):
+        return subprocess.run([llmserve, "build", *map(str, args)], capture_output=True, text=True)
+
+    missing = run(tmp_path / "nope", "--repo", tmp_path / "repo")
+    assert missing.returncode == 1 and "no such model directory" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run(tmp_path / "empty", "--repo", tmp_path / "repo")
+    assert "not a Hugging Face model directory" in empty.stderr
+    wrong_kind = run(shutil.copytree(tiny_lm_source, tmp_path / "lm"), "--repo",
+                     tmp_path / "repo", "--kind", "embedding", "--variant", "int8",
+                     "--min-cosine", "1.01")
+    assert wrong_kind.returncode == 1 and "Traceback" not in wrong_kind.stderr
+    assert not list((tmp_path / "repo").glob("*/[0-9]*"))
+
+
+@pytest.mark.slow
+def test_smollm2_int8_is_refused_and_fp32_serves_like_pytorch(smollm2_artifact, triton_server,
+                                                               tmp_path):
+    with pytest.raises(BuildError, match="accuracy gate failed") as refused:
+        build(BuildRequest(source=smollm2_artifact.source, repo=tmp_path / "repo",
+                           model="smollm2", variant="int8"))
+    assert "next_token_agreement" in str(refused.value)
+    assert not list((tmp_path / "repo" / "smollm2").glob("[0-9]*"))
+
+    server = triton_server(_pulled(smollm2_artifact, tmp_path), {"smollm2": 1})
+    prompts = ["The capital of France is", "def add(a, b):"]
+    answers = client.generate(server.grpc_url, "smollm2",
+                              [{"prompt": p, "max_tokens": 16} for p in prompts])
+    assert [a.text for a in answers] == _torch_greedy(smollm2_artifact.source, prompts, 16)
