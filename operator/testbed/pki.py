@@ -103,3 +103,17 @@ def generate(pki: Path, service_ip: str) -> None:
     (pki / "sa.key").chmod(0o600)
     (pki / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def serving_certificate(ca_dir: Path, dest: Path, dns_names: list[str]) -> tuple[Path, Path]:
+    """A serving certificate for ``dns_names`` (and 127.0.0.1) signed by the CA in ``ca_dir``,
+    written as ``<dest>.crt`` and ``<dest>.key``: for local servers the API server calls
+    (aggregated APIs), whose APIService then carries the CA bundle instead of
+    ``insecureSkipTLSVerify``."""
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    key = _key()
+    sans = [x509.DNSName(n) for n in dns_names] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    _write(dest, key, _sign(_name(dns_names[0]), key, ca_cert, ca_key,
+                            usages=[ExtendedKeyUsageOID.SERVER_AUTH], sans=sans))
+    return dest.with_suffix(".crt"), dest.with_suffix(".key")
