@@ -41,19 +41,20 @@ async def ensure(client: KubeClient, desired: dict, observed: dict | None, owner
     if observed is None:
         observed = await client.get(object_path(desired))
         if observed is None:
-            return await _write(client, desired, CREATED, [])
+            return await _write(client, desired, CREATED, [], None)
     if not controlled_by(observed, owner_uid):
         return Outcome(CONFLICT, observed, message=f"{describe(desired)} already exists and is not "
                        "controlled by this LLMService; rename or delete it")
     drifted = differences(desired, observed)
     if not drifted:
         return Outcome(UNCHANGED, observed)
-    return await _write(client, desired, UPDATED, drifted)
+    return await _write(client, desired, UPDATED, drifted, observed)
 
 
-async def _write(client: KubeClient, desired: dict, action: str, drifted: list[str]) -> Outcome:
+async def _write(client: KubeClient, desired: dict, action: str, drifted: list[str],
+                 observed: dict | None) -> Outcome:
     try:
-        return Outcome(action, await client.apply(desired), drifted)
+        return Outcome(action, await client.apply(desired, replacing=observed), drifted)
     except ApiError as exc:
         if exc.retryable:
             raise

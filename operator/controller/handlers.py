@@ -78,12 +78,18 @@ def _bind(memo: kopf.Memo, indexes: dict[str, Any]) -> Engine:
     engine: Engine = memo.engine
 
     def lookup(key: Key) -> tuple[dict | None, Children]:
-        parents = list(indexes["llmservices"].get(key, []))
+        """The latest state: the indexes, or what the operator wrote if they lag behind it."""
+        def latest(index: str) -> list[dict]:
+            return [engine.client.recent.fresh(o) for o in indexes[index].get(key, [])]
+
+        parents = latest("llmservices")
+        if not parents:
+            engine.client.recent.forget(*key)
         return (parents[0] if parents else None), Children(
-            deployments=list(indexes["deployments"].get(key, [])),
-            services=list(indexes["services"].get(key, [])),
-            disruption_budgets=list(indexes["disruption_budgets"].get(key, [])),
-            autoscalers=list(indexes["autoscalers"].get(key, [])),
+            deployments=latest("deployments"),
+            services=latest("services"),
+            disruption_budgets=latest("disruption_budgets"),
+            autoscalers=latest("autoscalers"),
             pods=list(indexes["pods"].get(key, [])),
         )
 

@@ -24,6 +24,8 @@ from urllib.parse import quote
 
 import yaml
 
+from .recent import Recent
+
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 # (apiVersion, kind) -> plural resource name. Only the kinds the operator reads or writes.
@@ -195,6 +197,7 @@ class KubeClient:
         self.config = config
         self.field_manager = field_manager
         self.stats = RequestStats()
+        self.recent = Recent()  # shared by scoped() views: what this operator wrote
         self._outer_stats: tuple[RequestStats, ...] = ()
         self._timeout = timeout
         self._user_agent = user_agent
@@ -252,13 +255,18 @@ class KubeClient:
                 return None
             raise
 
-    async def apply(self, obj: dict, subresource: str | None = None) -> dict:
-        """Server-side apply `obj` under our field manager, taking over conflicting fields."""
-        return await self.request(
+    async def apply(self, obj: dict, subresource: str | None = None, *, replacing: dict | None = None) -> dict:
+        """Server-side apply `obj` under our field manager, taking over conflicting fields.
+        `replacing`: the object as observed before, so `recent` can stand in for the watch until
+        it delivers the result."""
+        result = await self.request(
             "PATCH", object_path(obj, subresource), body=obj,
             params={"fieldManager": self.field_manager, "force": "true"},
             content_type="application/apply-patch+yaml",
         )
+        if replacing is not None:
+            self.recent.remember(replacing, result)
+        return result
 
     async def delete(self, obj: dict) -> None:
         """Delete exactly this object (uid precondition), letting the garbage collector cascade."""

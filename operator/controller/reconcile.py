@@ -150,7 +150,7 @@ async def _write_status(client: KubeClient, recorder: Recorder, parent: dict, st
     meta = parent["metadata"]
     await client.apply({"apiVersion": API_VERSION, "kind": KIND,
                         "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
-                        "status": status}, subresource="status")
+                        "status": status}, subresource="status", replacing=parent)
     for type_, reason, message in st.transition_events(previous, status):
         await recorder.post(parent, type_, reason, message)
 
