@@ -155,6 +155,12 @@ class MetricsAdapter:
         llmserve.io/chat/llmserve_queue_compute_ratio`."""
         return json.loads(self.cluster.kubectl("get", "--raw", f"/apis/{GROUP}/{VERSION}/{path}").stdout)
 
+    def object_metric(self, namespace: str, resource: str, name: str, metric: str) -> dict:
+        """The MetricValue of one object (`resource` as `llmservices.llmserve.io`), as the HPA
+        controller reads it for an Object metric."""
+        [item] = self.get(f"namespaces/{namespace}/{resource}/{name}/{metric}")["items"]
+        return item
+
     def metric_names(self) -> set[str]:
         """`<resource>/<metric>` of every metric the adapter has discovered so far."""
         return {r["name"] for r in self.get("").get("resources", [])}

@@ -1,0 +1,133 @@
+"""Autoscaling reaction time on the local test bed (issue 7, item 4).
+
+One LLMService (minReplicas 1, maxReplicas N, queue/compute ratio target 1) whose first pod is
+stood for by a real tritonserver serving `fixed_latency` (50 ms per request, one at a time).
+Closed-loop clients load it; the path to new replicas is all real: Prometheus scrapes Triton with
+the pod's labels, prometheus-adapter (the chart's rules) serves the custom metrics API, the
+controller manager's HPA controller (5 s sync on the test bed; 15 s is the Kubernetes default)
+writes the LLMService's scale subresource, the operator resizes the Deployment, the scheduler
+places the pods on KWOK GPU nodes. Printed: seconds from load start to each step up to all N
+replicas Ready, then from load stop to the service back at 1 replica.
+
+Run (after hack/setup.sh):  ~/.cache/llmserve/venv/bin/python bench/autoscaling.py
+Options: --max-replicas N, --concurrency C, --scale-down-window 15s, --testbed NAME (reuse a
+running `llmserve testbed up --name NAME`). Results also go to bench/results/autoscaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from llmserve.controller.local import LocalOperator, install_chart, service_account_kubeconfig
+from llmserve.controller.units import parse_quantity
+from llmserve.testbed.cluster import TestBed
+from llmserve.testbed.load import InferenceLoad
+from llmserve.testbed.metrics_adapter import MetricsAdapter
+from llmserve.testbed.prometheus import Prometheus
+from llmserve.testbed.scaling import (
+    MODEL, MODEL_INPUTS, chart_adapter_config, first_pod, llmservice, poll, snapshot, triton_target,
+)
+from llmserve.testbed.triton import TritonServer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_REPO = ROOT / "tests" / "data" / "model_repo"
+NAMESPACE, NAME, METRIC = "bench-autoscaling", "chat", "llmserve_queue_compute_ratio"
+
+
+def log(message: str) -> None:
+    print(f"[autoscaling] {message}", file=sys.stderr, flush=True)
+
+
+def milestones(bed: TestBed, adapter: MetricsAdapter, steps: dict, timeout: float) -> dict[str, float]:
+    """Poll until every step's predicate held once; seconds from now to the first time each did."""
+    start, reached = time.monotonic(), {}
+    while len(reached) < len(steps):
+        state = snapshot(bed, NAMESPACE, NAME)
+        metric = float(parse_quantity(adapter.object_metric(NAMESPACE, "llmservices.llmserve.io", NAME, METRIC)["value"]))
+        now = time.monotonic() - start
+        for label, holds in steps.items():
+            if label not in reached and holds(state, metric):
+                reached[label] = round(now, 1)
+                log(f"{now:6.1f}s  {label}")
+        if now > timeout:
+            missing = [label for label in steps if label not in reached]
+            raise TimeoutError(f"not reached within {timeout:.0f}s: {missing}")
+        time.sleep(0.25)
+    return reached
+
+
+def run(bed: TestBed, args: argparse.Namespace, workdir: Path) -> dict:
+    install_chart(bed)
+    bed.kubectl("wait", "--for=condition=Established", "crd/llmservices.llmserve.io", "--timeout=60s")
+    kubeconfig = service_account_kubeconfig(bed, workdir / "operator.kubeconfig")
+    operator = LocalOperator(kubeconfig, workdir / "operator.log", identity="bench").start().wait_leading()
+    triton = prometheus = adapter = None
+    try:
+        bed.kubectl("create", "namespace", NAMESPACE, check=False)
+        bed.apply(llmservice(NAME, NAMESPACE, MODEL_REPO, min_replicas=1, max_replicas=args.max_replicas,
+                             scale_down=args.scale_down_window))
+        pod = poll("the first pod Ready", lambda: first_pod(bed, NAMESPACE, NAME), 180)
+        triton = TritonServer(MODEL_REPO, {MODEL: 1}).start()
+        prometheus = Prometheus([triton_target(triton.metrics_target, NAMESPACE, pod)]).start()
+        adapter = MetricsAdapter(bed, prometheus.url, chart_adapter_config(bed)).start()
+        poll("the HPA to read the metric", lambda: snapshot(bed, NAMESPACE, NAME).hpa_condition(
+            "ScalingActive").get("status") == "True", 180)
+        n = args.max_replicas
+        log(f"load: {args.concurrency} closed-loop clients on {MODEL} (50 ms per request)")
+        load = InferenceLoad(triton.http_url, MODEL, MODEL_INPUTS, args.concurrency).start()
+        up = milestones(bed, adapter, {
+            "metric above target (adapter)": lambda s, m: m > 1,
+            "HPA desiredReplicas raised": lambda s, m: (s.hpa_desired or 0) > 1,
+            "LLMService spec.replicas raised": lambda s, m: s.replicas > 1,
+            "Deployment replicas raised": lambda s, m: s.deployment_replicas > 1,
+            f"all {n} replicas Ready": lambda s, m: s.ready_pods == n and s.replicas == n,
+        }, timeout=300)
+        stats = load.stop()
+        log(f"load stopped: {stats.requests} requests, {stats.failures} failed")
+        down = milestones(bed, adapter, {
+            "metric back to 0 (1m rate window drained)": lambda s, m: m == 0,
+            "LLMService spec.replicas back to 1": lambda s, m: s.replicas == 1,
+            "pods back to 1": lambda s, m: s.pods == 1,
+        }, timeout=600)
+        return {"max_replicas": n, "concurrency": args.concurrency, "scale_down_window": args.scale_down_window,
+                "hpa_sync_period_seconds": 5, "requests": stats.requests, "failed_requests": stats.failures,
+                "scale_up_seconds_from_load_start": up, "scale_down_seconds_from_load_stop": down}
+    finally:
+        for component in (adapter, prometheus, triton):
+            if component is not None:
+                component.stop()
+        bed.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        operator.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-replicas", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=4, help="closed-loop clients (default 4)")
+    parser.add_argument("--scale-down-window", default="15s", help="scaleDown.stabilizationWindow (default 15s)")
+    parser.add_argument("--testbed", help="reuse this running test bed instead of starting one")
+    args = parser.parse_args()
+    bed = TestBed(args.testbed or "bench-autoscaling")
+    if not args.testbed:
+        log("starting a test bed with 2 nodes of 8 GPUs")
+        bed.up(nodes=2, gpus=8)
+    try:
+        with tempfile.TemporaryDirectory(prefix="llmserve-bench-autoscaling-") as tmp:
+            result = run(bed, args, Path(tmp))
+    finally:
+        if not args.testbed:
+            bed.down()
+    out = ROOT / "bench" / "results" / "autoscaling.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

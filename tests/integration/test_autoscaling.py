@@ -1,0 +1,136 @@
+"""Autoscaling end to end on the test bed, with the real HPA controller and a real metrics path.
+
+tritonserver (under load from local clients) -> Prometheus (scraping it with the labels the pods of
+the LLMService get in the cluster) -> prometheus-adapter (the chart's rules, registered as the
+custom metrics API) -> kube-controller-manager's HPA controller -> the LLMService's scale
+subresource -> the operator -> Deployment -> scheduler -> KWOK GPU nodes.
+"""
+
+import json
+
+import pytest
+
+from llmserve.controller.units import parse_quantity
+from llmserve.testbed.load import InferenceLoad
+from llmserve.testbed.scaling import (
+    MODEL, MODEL_INPUTS, first_pod, llmservice, poll, snapshot, triton_target,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+METRIC = "llmserve_queue_compute_ratio"
+
+
+@pytest.mark.triton
+@pytest.mark.prometheus
+def test_load_on_triton_scales_the_llmservice_up_and_back_down(
+        testbed, operator, namespace, sample_model_repo, triton_server, prometheus, metrics_adapter):
+    name = "chat"
+    testbed.apply(llmservice(name, namespace, sample_model_repo, min_replicas=1, max_replicas=3,
+                             scale_down="10s"))
+    pod = poll("the first pod of the LLMService to be Ready", lambda: first_pod(testbed, namespace, name), 120)
+
+    hpa = poll("the operator to create the HPA", lambda: snapshot(testbed, namespace, name).hpa, 60)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
+                                             "name": name}
+
+    triton = triton_server(sample_model_repo, {MODEL: 1})
+    prom = prometheus([triton_target(triton.metrics_target, namespace, pod)])
+    adapter = metrics_adapter(prom.url)
+
+    def metric():
+        return adapter.object_metric(namespace, "llmservices.llmserve.io", name, METRIC)
+
+    poll("the adapter to discover the metric",
+         lambda: f"llmservices.llmserve.io/{METRIC}" in adapter.metric_names(), 60)
+    idle = poll("the HPA to read the metric through the aggregated API", lambda: (
+        s if (s := snapshot(testbed, namespace, name)).hpa_condition("ScalingActive").get("status") == "True"
+        else None), 120)
+    assert idle.replicas == 1
+    assert metric()["value"] == "0"
+
+    seen_up = []
+    with InferenceLoad(triton.http_url, MODEL, MODEL_INPUTS, concurrency=4) as load:
+
+        def scaled_up():
+            s = snapshot(testbed, namespace, name)
+            seen_up.append(s.replicas)
+            return s if s.replicas == 3 and s.ready_pods == 3 else None
+
+        up = poll("the HPA to raise the LLMService to 3 Ready replicas", scaled_up, 240)
+        loaded = metric()
+        assert loaded["describedObject"]["kind"] == "LLMService"
+        assert parse_quantity(loaded["value"]) > 1  # 4 clients on one 50 ms-at-a-time server: about 3
+    assert load.stats.requests > 0 and load.stats.failures == 0, load.stats
+
+    # The operator, not the HPA, set the Deployment's replicas; the LLMService stayed Ready.
+    [deployment] = up.deployments
+    assert deployment["metadata"]["labels"]["llmserve.io/track"] == "stable"
+    assert deployment["spec"]["replicas"] == 3
+    assert up.condition("Ready")["status"] == "True"
+    assert up.llmservice["status"]["autoscaling"]["desiredReplicas"] == 3
+    assert up.llmservice["status"]["replicas"] == 3
+    assert seen_up == sorted(seen_up), f"replicas went down while under load: {seen_up}"
+
+    seen_down = []
+
+    def scaled_down():
+        s = snapshot(testbed, namespace, name)
+        seen_down.append(s.replicas)
+        return s if s.replicas == 1 and s.pods == 1 else None
+
+    # The 1m rate window drains, then the 10s scale-down stabilization window passes.
+    down = poll("the HPA to return the LLMService to 1 replica after the load", scaled_down, 300)
+    assert seen_down == sorted(seen_down, reverse=True), f"replicas went up without load: {seen_down}"
+    assert down.condition("Ready")["status"] == "True"
+    assert down.condition("Degraded")["status"] == "False"
+    assert metric()["value"] == "0"
+
+
+def test_replicas_without_a_gpu_show_in_status(testbed, operator, namespace):
+    """The autoscaler (here: the scale subresource written by hand, as the HPA would) asks for more
+    replicas than the GPUs left; the service keeps serving and says why the rest do not run."""
+    [node] = testbed.add_nodes(1, gpus=2, prefix=f"{namespace}-gpu")
+    try:
+        testbed.apply(llmservice("big", namespace, "/models", min_replicas=1, max_replicas=4,
+                                 node_selector={"kubernetes.io/hostname": node}))
+        poll("one replica Ready", lambda: snapshot(testbed, namespace, "big").ready_pods == 1, 120)
+        testbed.kubectl("scale", "llms/big", "-n", namespace, "--replicas=4")
+
+        def reported():
+            status = snapshot(testbed, namespace, "big").llmservice.get("status") or {}
+            return status if status.get("unschedulableReplicas") == 2 else None
+
+        status = poll("2 unschedulable replicas in the status", reported, 120)
+        conds = {c["type"]: c for c in status["conditions"]}
+        assert conds["Degraded"]["status"] == "True" and conds["Degraded"]["reason"] == "Unschedulable"
+        assert "Insufficient nvidia.com/gpu" in conds["Degraded"]["message"]
+        assert "lower spec.autoscaling.maxReplicas" in conds["Degraded"]["message"]
+        # Two replicas run: the service is Ready at its floor and still progressing toward 4.
+        assert conds["Ready"]["status"] == "True"
+        assert conds["Progressing"]["status"] == "True"
+        wide = testbed.kubectl("get", "llms/big", "-n", namespace, "-o", "wide").stdout
+        assert "UNSCHEDULABLE" in wide.splitlines()[0]
+    finally:
+        testbed.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def test_scale_to_zero_without_the_feature_gate_and_removing_autoscaling(testbed, operator, namespace):
+    testbed.apply(llmservice("idle", namespace, "/models", min_replicas=0, max_replicas=2))
+
+    def rejected():
+        status = snapshot(testbed, namespace, "idle").llmservice.get("status") or {}
+        degraded = next((c for c in status.get("conditions", []) if c["type"] == "Degraded"), {})
+        return degraded if degraded.get("reason") == "AutoscalerRejected" else None
+
+    degraded = poll("the refused HPA to be reported", rejected, 60)
+    assert "minReplicas" in degraded["message"] and "HPAScaleToZero" in degraded["message"]
+
+    testbed.kubectl("patch", "llms/idle", "-n", namespace, "--type=json",
+                    "-p", json.dumps([{"op": "replace", "path": "/spec/autoscaling/minReplicas", "value": 1}]))
+    poll("the HPA to be created", lambda: snapshot(testbed, namespace, "idle").hpa, 60)
+    testbed.kubectl("patch", "llms/idle", "-n", namespace, "--type=json",
+                    "-p", json.dumps([{"op": "remove", "path": "/spec/autoscaling"}]))
+    gone = poll("the HPA to be deleted with spec.autoscaling", lambda: (
+        s if (s := snapshot(testbed, namespace, "idle")).hpa is None else None), 60)
+    assert "autoscaling" not in gone.llmservice["status"]
