@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .kube import KubeClient
-from .reconcile import Children, Recorder, reconcile
+from .reconcile import Children, GatewayDiscovery, Recorder, reconcile
 from .render import Images
 
 log = logging.getLogger("llmserve.controller")
@@ -48,6 +48,7 @@ class _State:
     running: bool = False
     failures: int = 0
     waiters: list[asyncio.Future] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None  # the run a rollout asked for (pause end, analysis due)
 
 
 def backoff(failures: int) -> float:
@@ -58,6 +59,7 @@ class Engine:
     def __init__(self, client: KubeClient, images: Images, identity: str, prometheus_url: str = ""):
         self.client, self.images, self.identity = client, images, identity
         self.prometheus_url = prometheus_url
+        self.gateway = GatewayDiscovery()
         self.metrics = Metrics()
         self.lookup: Lookup = lambda key: (None, Children())
         self._states: dict[Key, _State] = {}
@@ -89,9 +91,10 @@ class Engine:
                 state.dirty = False
                 waiters, state.waiters = state.waiters, []
                 parent, children = self.lookup(key)
-                error = await self._run(key, parent, children) if parent is not None else None
+                error, again = await self._run(key, parent, children) if parent is not None else (None, None)
                 if error is None:
                     state.failures = 0
+                    self._wake(key, state, again)
                 else:
                     delay = backoff(state.failures)
                     state.failures += 1
@@ -104,19 +107,26 @@ class Engine:
         finally:
             state.running = False
             if parent is None and not state.waiters:
+                self._wake(key, state, None)
                 self._states.pop(key, None)
 
-    async def _run(self, key: Key, parent: dict, children: Children) -> str | None:
-        """One reconcile; returns an error description instead of raising."""
+    def _wake(self, key: Key, state: _State, delay: float | None) -> None:
+        """Run `key` again after `delay` seconds (replacing any earlier wake-up), or never."""
+        if state.timer is not None:
+            state.timer.cancel()
+        state.timer = None if delay is None else asyncio.get_running_loop().call_later(delay, self.poke, key)
+
+    async def _run(self, key: Key, parent: dict, children: Children) -> tuple[str | None, float | None]:
+        """One reconcile; returns an error description instead of raising, and when to run again."""
         client = self.client.scoped()
         try:
-            await reconcile(parent, children, client, self.images, Recorder(client, instance=self.identity),
-                            prometheus_url=self.prometheus_url)
-            return None
+            again = await reconcile(parent, children, client, self.images, Recorder(client, instance=self.identity),
+                                    prometheus_url=self.prometheus_url, gateway=self.gateway)
+            return None, again
         except Exception as exc:  # noqa: BLE001 - any failure is retried; the log keeps the detail
             self.metrics.failures += 1
             log.warning("reconcile %s/%s failed: %s", *key, exc, exc_info=not hasattr(exc, "status"))
-            return str(exc)
+            return str(exc), None
         finally:
             self.metrics.reconciles += 1
             self.metrics.requests += client.stats.total

@@ -6,10 +6,11 @@ only fields the operator means to own (server-side apply semantics): no empty ma
 fields the API server would default differently.
 
 Children of `<name>` (DESIGN §3):
-- Deployment `<name>-v<version>`: one per served model version; its pods load only that version.
+- Deployment `<name>-<revision>` (`chat-v3-1a2b3c`): one per served revision, the stable one and
+  during a rollout the canary; its pods load only that model version, and carry the revision.
 - Service `<name>`: the entry point, the predictor's HTTP port on every ready pod of any track.
-- Service `<name>-stable` (and `<name>-canary` with issue 6): Triton's HTTP/gRPC/metrics and the
-  predictor of one track.
+- Services `<name>-stable` and `<name>-canary`: Triton's HTTP/gRPC/metrics and the predictor of one
+  track, selecting its revision (the canary one selects the stable revision when no rollout runs).
 - PodDisruptionBudget `<name>`: voluntary evictions take at most one pod at a time.
 """
 
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 
 from ..tritoncmd import GRPC_PORT, HTTP_PORT, METRICS_PORT, tritonserver_command
 from .spec import (
-    API_VERSION, KIND, LABEL_SERVICE, LABEL_TRACK, LABEL_VERSION, STABLE, Spec, child_labels,
-    deployment_name, track_service_name,
+    API_VERSION, CANARY, KIND, LABEL_REVISION, LABEL_SERVICE, LABEL_TRACK, PROGRESS_MARGIN, STABLE, Spec,
+    child_labels, deployment_name, pod_labels, track_service_name,
 )
 
 PREDICTOR_PORT = 8080
@@ -29,6 +30,17 @@ MODELS_DIR, REPOSITORY_DIR = "/models", "/repository"
 STARTUP_PROBE_PERIOD = 10
 # The image's non-root user: tritonserver images run as triton-server (uid 1000); ours match.
 RUN_AS_USER = 1000
+
+
+@dataclass(frozen=True)
+class Tracks:
+    """The revisions to serve and their replicas (from `rollout.plan()`): each Spec is the
+    LLMService seen with that revision's model/runtime/predictor."""
+
+    stable: Spec
+    stable_replicas: int
+    canary: Spec | None = None
+    canary_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -151,8 +163,8 @@ def puller_container(spec: Spec, images: Images) -> dict:
 
 
 def deployment(spec: Spec, images: Images, *, track: str = STABLE, replicas: int | None = None) -> dict:
-    """The Deployment serving `spec.version` on `track` (issue 6 renders a canary with its share)."""
-    labels = child_labels(spec.name, spec.version, track)
+    """The Deployment serving `spec.revision` on `track` with its share of the replicas."""
+    labels = pod_labels(spec.name, spec.version, spec.revision)
     pod_spec = {
         "automountServiceAccountToken": False,
         # Service links would inject ~7 variables per Service in the namespace into every pod.
@@ -173,22 +185,24 @@ def deployment(spec: Spec, images: Images, *, track: str = STABLE, replicas: int
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(spec, deployment_name(spec.name, spec.version), spec.version, track),
+        "metadata": {**_metadata(spec, deployment_name(spec.name, spec.revision), spec.version, track),
+                     "labels": {**labels, LABEL_TRACK: track}},
         "spec": {
             "replicas": spec.replicas if replicas is None else replicas,
-            "selector": {"matchLabels": {LABEL_SERVICE: spec.name, LABEL_VERSION: str(spec.version)}},
+            "selector": {"matchLabels": {LABEL_SERVICE: spec.name, LABEL_REVISION: spec.revision}},
             "revisionHistoryLimit": 2,
             # A new pod must be Ready before an old one goes: a GPU-starved change stalls (and is
             # reported Unschedulable) rather than taking the service down.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "progressDeadlineSeconds": int(spec.startup_timeout) + 300,
+            "progressDeadlineSeconds": int(spec.startup_timeout) + PROGRESS_MARGIN,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
 
 
 def entry_service(spec: Spec) -> dict:
-    """`<name>`: the predictor on every ready pod of the service, whatever its track."""
+    """`<name>`: the predictor on every ready pod of the service, whatever its track: without a
+    gateway, the canary's share of traffic is its share of the ready pods."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -200,14 +214,14 @@ def entry_service(spec: Spec) -> dict:
     }
 
 
-def track_service(spec: Spec, track: str = STABLE) -> dict:
-    """`<name>-<track>`: the predictor and Triton's own ports of one track."""
+def track_service(spec: Spec, track: str, revision: str) -> dict:
+    """`<name>-<track>`: the predictor and Triton's own ports of the revision serving `track`."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(spec, track_service_name(spec.name, track), spec.version, track),
         "spec": {
-            "selector": {LABEL_SERVICE: spec.name, LABEL_TRACK: track},
+            "selector": {LABEL_SERVICE: spec.name, LABEL_REVISION: revision},
             "ports": [
                 {"name": "http", "port": PREDICTOR_PORT, "targetPort": "http", "protocol": "TCP"},
                 {"name": "triton-http", "port": HTTP_PORT, "targetPort": "triton-http", "protocol": "TCP"},
@@ -234,6 +248,13 @@ def disruption_budget(spec: Spec) -> dict:
     }
 
 
-def desired_children(spec: Spec, images: Images) -> list[dict]:
-    """Every child the LLMService should have, in the order they are applied."""
-    return [deployment(spec, images), entry_service(spec), track_service(spec, STABLE), disruption_budget(spec)]
+def desired_children(spec: Spec, images: Images, tracks: Tracks | None = None) -> list[dict]:
+    """Every child the LLMService should have, in the order they are applied: Deployments before
+    the Services that select them. `spec` is the LLMService as written (the stable revision's
+    view during a rollout); `tracks` defaults to the spec's revision with all replicas."""
+    tracks = tracks or Tracks(spec, spec.replicas)
+    out = [deployment(tracks.stable, images, track=STABLE, replicas=tracks.stable_replicas)]
+    if tracks.canary is not None:
+        out.append(deployment(tracks.canary, images, track=CANARY, replicas=tracks.canary_replicas))
+    return out + [entry_service(spec), track_service(spec, STABLE, tracks.stable.revision),
+                  track_service(spec, CANARY, (tracks.canary or tracks.stable).revision), disruption_budget(spec)]

@@ -27,7 +27,7 @@ Phases: Progressing (steps) -> Promoting -> Complete, with Paused (manual) and A
 - A canary that does not become ready within the progress deadline aborts (CanaryNotReady), so a
   crash-looping or unplaceable version is reported instead of hanging.
 - Spec back to the stable revision cancels the rollout; a third revision supersedes the canary.
-- Manual actions (annotation `llmserve.io/rollout-action: <verb>[:<nonce>]`, each value handled
+- Manual actions (annotation `rollout.llmserve.io/action: <verb>[:<nonce>]`, each value handled
   once, remembered in status so GitOps re-applies are harmless): promote (skip the remaining steps
   and analysis), pause / resume (steps stop advancing; analysis keeps guarding), abort. `resume`
   on an aborted rollout retries it from the first step. `undo` is a spec change (`undo_spec`).
@@ -54,7 +54,9 @@ PROGRESSING, PAUSED, PROMOTING, ABORTED, COMPLETE = "Progressing", "Paused", "Pr
 ACTIVE = (PROGRESSING, PAUSED, PROMOTING)
 PROMOTED = "Promoted"  # history outcomes: PROMOTED or ABORTED
 
-ACTION_ANNOTATION = "llmserve.io/rollout-action"
+# Not under `llmserve.io/`: kopf keeps its bookkeeping there and leaves every annotation with that
+# prefix out of the object's "essence", so a change of this one would trigger no handler.
+ACTION_ANNOTATION = "rollout.llmserve.io/action"
 PROMOTE, PAUSE, RESUME, ABORT = "promote", "pause", "resume", "abort"
 ACTIONS = (PROMOTE, PAUSE, RESUME, ABORT)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from .rollout import SERVING_FIELDS, Policy, revision_name, serving_spec
 from .units import parse_duration
 
 GROUP, VERSION, KIND, PLURAL = "llmserve.io", "v1alpha1", "LLMService", "llmservices"
@@ -17,24 +18,31 @@ API_VERSION = f"{GROUP}/{VERSION}"
 MANAGER = "llmserve"
 
 # Standard labels on every child. Prometheus relabels the pod labels into metric labels, so the
-# analysis and autoscaling queries (issues 6 and 7) select on these exact keys.
+# analysis and autoscaling queries (issues 6 and 7) select on these exact keys. Pods carry their
+# revision (`v<version>-<hash>`, llmserve.controller.rollout), not their track: which revision is
+# stable changes at promotion, and a pod-template label change would restart every GPU pod. The
+# track is on the Deployments and Services, whose metadata can change without touching pods.
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_SERVICE = "llmserve.io/service"
 LABEL_VERSION = "llmserve.io/model-version"
 LABEL_TRACK = "llmserve.io/track"
+LABEL_REVISION = "llmserve.io/revision"
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER}"
 
 STABLE, CANARY = "stable", "canary"
 
 DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.08-py3"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+# Seconds a Deployment may go without progress beyond its model's startup timeout.
+PROGRESS_MARGIN = 300
 
 
-def deployment_name(service: str, version: int) -> str:
-    """One Deployment per served model version: its pods only ever load that version."""
-    return f"{service}-v{version}"
+def deployment_name(service: str, revision: str) -> str:
+    """One Deployment per served revision (`<name>-v<version>-<hash>`): its pods only ever load
+    that version, with that runtime."""
+    return f"{service}-{revision}"
 
 
 def track_service_name(service: str, track: str) -> str:
@@ -50,6 +58,13 @@ def child_labels(service: str, version: int, track: str) -> dict[str, str]:
         LABEL_VERSION: str(version),
         LABEL_TRACK: track,
     }
+
+
+def pod_labels(service: str, version: int, revision: str) -> dict[str, str]:
+    """Labels of a revision's pods: immutable for the pod's life, whatever track it serves."""
+    labels = child_labels(service, version, STABLE)
+    del labels[LABEL_TRACK]
+    return {**labels, LABEL_REVISION: revision}
 
 
 def pod_selector(service: str) -> str:
@@ -128,14 +143,29 @@ class Spec:
     predictor_image: str | None = None
     predictor_resources: dict = field(default_factory=dict)
     autoscaling: Autoscaling | None = None
+    serving: dict = field(default_factory=dict)  # rollout.serving_spec(): what the pods serve
+    rollout: Policy = field(default_factory=Policy)
+    gateway_ref: dict | None = None  # spec.rollout.traffic.gatewayRef
+
+    @property
+    def revision(self) -> str:
+        return revision_name(self.serving)
 
     @classmethod
-    def from_object(cls, obj: dict) -> Spec:
-        """Raises ValueError for what the CRD cannot express (the message is shown in a condition)."""
+    def from_object(cls, obj: dict, serving: dict | None = None) -> Spec:
+        """Raises ValueError for what the CRD cannot express (the message is shown in a condition).
+
+        `serving` replaces the object's model/runtime/predictor sections: the view of a revision
+        recorded in status (the stable one during a rollout) under this object's other settings.
+        """
         meta, spec = obj["metadata"], obj.get("spec") or {}
+        if serving is not None:
+            spec = {**{k: v for k, v in spec.items() if k not in SERVING_FIELDS}, **serving}
         model, runtime, predictor = spec.get("model") or {}, spec.get("runtime") or {}, spec.get("predictor") or {}
         if not model.get("name") or not model.get("repository") or not model.get("version"):
             raise ValueError("spec.model needs name, repository and version")
+        startup_timeout = parse_duration(runtime.get("startupTimeout") or "10m")
+        rollout = spec.get("rollout") or {}
         return cls(
             name=meta["name"],
             namespace=meta["namespace"],
@@ -154,9 +184,13 @@ class Spec:
             tolerations=runtime.get("tolerations") or [],
             affinity=runtime.get("affinity") or {},
             image_pull_secrets=runtime.get("imagePullSecrets") or [],
-            startup_timeout=parse_duration(runtime.get("startupTimeout") or "10m"),
+            startup_timeout=startup_timeout,
             shm_size=str(runtime.get("shmSize") or "256Mi"),
             predictor_image=predictor.get("image") or None,
             predictor_resources=predictor.get("resources") or {},
             autoscaling=Autoscaling.from_spec(spec.get("autoscaling")),
+            serving=serving_spec(spec),
+            # A canary gets as long to become ready as its Deployment has to make progress.
+            rollout=Policy.from_spec(rollout, progress_deadline=startup_timeout + PROGRESS_MARGIN),
+            gateway_ref=(rollout.get("traffic") or {}).get("gatewayRef") or None,
         )

@@ -1,11 +1,14 @@
 """LLMService status derived from what was observed: pure functions, no I/O, clock passed in.
 
 Conditions (all three always present, metav1.Condition shape):
-- Ready: the requested replicas of the requested version are ready to serve.
-- Progressing: the operator is still moving the children toward the spec.
-- Degraded: something needs a person: pods that cannot be scheduled (the scheduler's own message),
-  a model that fails to pull or load, an image that cannot be pulled, a child name owned by
-  someone else, an API error. The reason says which, the message says why.
+- Ready: the requested replicas are ready to serve (stable pods, plus the canary's during a
+  rollout).
+- Progressing: the operator is still moving the children toward the spec (a rollout: its phase,
+  step, weight and last analysis).
+- Degraded: something needs a person: an aborted rollout (with the measured values), pods that
+  cannot be scheduled (the scheduler's own message), a model that fails to pull or load, an image
+  that cannot be pulled, a child name owned by someone else, an API error. The reason says which,
+  the message says why.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from . import autoscaling
 from . import conditions as cond
 from .conditions import FALSE, TRUE, Condition
 from .render import PREDICTOR_PORT
-from .spec import LABEL_TRACK, LABEL_VERSION, Spec, deployment_name, pod_selector
+from .rollout import Plan
+from .spec import LABEL_REVISION, LABEL_VERSION, Spec, deployment_name, pod_selector
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
 
@@ -74,7 +78,7 @@ def pod_summary(pod: dict) -> dict:
     return {
         "name": meta["name"],
         "version": (meta.get("labels") or {}).get(LABEL_VERSION),
-        "track": (meta.get("labels") or {}).get(LABEL_TRACK),
+        "revision": (meta.get("labels") or {}).get(LABEL_REVISION),
         "ready": (conds.get("Ready") or {}).get("status") == TRUE,
         "deleting": bool(meta.get("deletionTimestamp")),
         "trouble": list(trouble) if trouble else None,
@@ -95,15 +99,18 @@ def _deployment_counts(dep: dict | None) -> dict:
     }
 
 
-def _pod_trouble(spec: Spec, pods: list[dict]) -> tuple[str, str] | None:
-    """The most severe trouble among the current version's live pods, with how many share it."""
-    live = [p for p in pods if p["version"] == str(spec.version) and not p["deleting"]]
-    troubled = [p["trouble"] for p in live if p["trouble"]]
+def _pod_trouble(spec: Spec, pods: list[dict], revisions: set[str]) -> tuple[str, str] | None:
+    """The most severe trouble among the live pods of the served revisions (stable, and canary
+    during a rollout), with how many pods of that revision share it."""
+    live = [p for p in pods if p["revision"] in revisions and not p["deleting"]]
+    troubled = [p for p in live if p["trouble"]]
     if not troubled:
         return None
-    reason = min((t[0] for t in troubled), key=_SEVERITY.index)
-    same = [t for t in troubled if t[0] == reason]
-    message = f"{len(same)} of {len(live)} pods of {deployment_name(spec.name, spec.version)}: {same[0][1]}"
+    reason = min((p["trouble"][0] for p in troubled), key=_SEVERITY.index)
+    revision = next(p["revision"] for p in troubled if p["trouble"][0] == reason)
+    same = [p["trouble"] for p in troubled if p["trouble"][0] == reason and p["revision"] == revision]
+    total = sum(1 for p in live if p["revision"] == revision)
+    message = f"{len(same)} of {total} pods of {deployment_name(spec.name, revision)}: {same[0][1]}"
     if reason == "Unschedulable" and f"Insufficient {spec.gpu_resource}" in same[0][1]:
         # The common case on GPU clusters (an autoscaler asking for more than the cluster has):
         # say what a person can do about it.
@@ -127,45 +134,51 @@ class Observation:
     autoscaler: dict | None = None  # the HorizontalPodAutoscaler, when spec.autoscaling has one
 
 
-def compute(spec: Spec, seen: Observation, previous: dict | None, now: str) -> dict:
-    """The full status block the LLMService should have."""
-    current = next((d for d in seen.deployments
-                    if d["metadata"]["name"] == deployment_name(spec.name, spec.version)), None)
-    others = sorted(d["metadata"]["name"] for d in seen.deployments if d is not current)
+def compute(spec: Spec, seen: Observation, previous: dict | None, now: str, plan: Plan) -> dict:
+    """The full status block the LLMService should have, given the rollout `plan` that was applied."""
+    by_name = {d["metadata"]["name"]: d for d in seen.deployments}
+    stable_name = deployment_name(spec.name, plan.stable.name)
+    current = by_name.get(stable_name)
     counts = _deployment_counts(current)
+    serving = min(counts["updated"], counts["ready"], counts["available"])
+    revisions = {plan.stable.name}
+    if plan.canary is not None:
+        canary_counts = _deployment_counts(by_name.get(deployment_name(spec.name, plan.canary.name)))
+        revisions.add(plan.canary.name)
+        serving += min(canary_counts["updated"], canary_counts["ready"], canary_counts["available"])
     want = spec.replicas
-    ready = (current is not None and counts["settled"] and want > 0
-             and min(counts["updated"], counts["ready"], counts["available"]) >= autoscaling.ready_floor(spec))
-    trouble = _pod_trouble(spec, seen.pods)
+    ready = current is not None and counts["settled"] and want > 0 and serving >= autoscaling.ready_floor(spec)
+    trouble = _pod_trouble(spec, seen.pods, revisions)
     scaling, scaling_trouble = autoscaling.observe(spec, seen.autoscaler)
-    what = f"{spec.model} v{spec.version}"
+    what = f"{spec.model} {plan.stable.name}" + (f" and canary {plan.canary.name}" if plan.canary else "")
 
     if seen.problems:
         degraded = Condition(DEGRADED, TRUE, seen.problems[0].reason, "; ".join(p.message for p in seen.problems))
+    elif plan.degraded:
+        degraded = Condition(DEGRADED, TRUE, *plan.degraded)
     elif trouble:
         degraded = Condition(DEGRADED, TRUE, *trouble)
     elif counts["deadline"] and not ready:
         degraded = Condition(DEGRADED, TRUE, "ProgressDeadlineExceeded",
-                             f"{current['metadata']['name']} made no progress within its deadline")
+                             f"{stable_name} made no progress within its deadline")
     elif scaling_trouble:
         degraded = Condition(DEGRADED, TRUE, *scaling_trouble)
     else:
         degraded = Condition(DEGRADED, FALSE, "Healthy", "")
 
     if ready:
-        readiness = Condition(READY, TRUE, "Available", f"{counts['ready']}/{want} replicas of {what} ready")
+        readiness = Condition(READY, TRUE, "Available", f"{serving}/{want} replicas of {what} ready")
     elif want == 0:
         readiness = Condition(READY, FALSE, "ScaledToZero", f"{what} has 0 replicas")
     elif degraded.status == TRUE:
         readiness = Condition(READY, FALSE, degraded.reason, degraded.message)
     elif current is None:
-        readiness = Condition(READY, FALSE, "Creating", f"creating {deployment_name(spec.name, spec.version)}")
+        readiness = Condition(READY, FALSE, "Creating", f"creating {stable_name}")
     else:
-        readiness = Condition(READY, FALSE, "ReplicasNotReady", f"{counts['ready']}/{want} replicas of {what} ready")
+        readiness = Condition(READY, FALSE, "ReplicasNotReady", f"{serving}/{want} replicas of {what} ready")
 
-    if others:
-        progressing = Condition(PROGRESSING, TRUE, "VersionChange",
-                                f"{', '.join(others)} will be removed once {what} is available")
+    if plan.progressing:
+        progressing = Condition(PROGRESSING, *plan.progressing)
     elif counts["deadline"] and not ready:
         progressing = Condition(PROGRESSING, FALSE, "ProgressDeadlineExceeded", degraded.message)
     elif want > 0 and (not ready or counts["ready"] < want):  # the latter: scaling up past the floor
@@ -173,20 +186,20 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str) -> d
     else:
         progressing = Condition(PROGRESSING, FALSE, "Complete", f"{what} is rolled out")
 
-    stable = {"version": spec.version, "deployment": deployment_name(spec.name, spec.version),
-              "replicas": want, "readyReplicas": counts["ready"]}
-    if spec.sha256:
-        stable["sha256"] = spec.sha256
     out = {
         "observedGeneration": spec.generation,
         "conditions": cond.merge((previous or {}).get("conditions"), [readiness, progressing, degraded],
                                  generation=spec.generation, now=now),
-        "stable": stable,
+        "stable": {**plan.status["stable"], "deployment": stable_name},
+        "rollout": plan.status["rollout"],
+        "history": plan.status["history"],
         "replicas": sum(_deployment_counts(d)["replicas"] for d in seen.deployments),
         "selector": pod_selector(spec.name),
         "endpoint": f"http://{spec.name}.{spec.namespace}.svc:{PREDICTOR_PORT}",
         "unschedulableReplicas": unschedulable(seen.pods),
     }
+    if plan.canary is not None:
+        out["canary"] = {**plan.status["canary"], "deployment": deployment_name(spec.name, plan.canary.name)}
     if scaling:
         out["autoscaling"] = scaling
     return out

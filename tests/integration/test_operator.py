@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from fixtures.operator import get_json, wait_for
+from llmserve.controller.rollout import revision_name, serving_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -23,6 +24,12 @@ def llmservice(name, namespace, version=1, replicas=1, gpus=1, **spec):
             "spec": {"model": {"name": "tiny-gpt", "repository": "file:///var/lib/llmserve/model_repo",
                                "version": version},
                      "replicas": replicas, "runtime": {"gpus": gpus, "startupTimeout": "2m"}, **spec}}
+
+
+def deployment(testbed, namespace, name):
+    """The Deployment serving the LLMService's spec: `<name>-v<version>-<hash>` of its model, runtime
+    and predictor as stored (with the CRD's defaults)."""
+    return f"{name}-{revision_name(serving_spec(get_json(testbed, 'llms', name, '-n', namespace)['spec']))}"
 
 
 def wait_ready(testbed, namespace, name, timeout=180):
@@ -45,20 +52,23 @@ def test_example_becomes_ready_with_labeled_owned_children(testbed, operator, na
     obj = wait_ready(testbed, namespace, "tiny-gpt")
 
     status = obj["status"]
+    example = deployment(testbed, namespace, "tiny-gpt")
     assert status["observedGeneration"] == obj["metadata"]["generation"]
-    assert status["stable"] == {"version": 1, "deployment": "tiny-gpt-v1", "replicas": 1, "readyReplicas": 1}
+    assert status["stable"] == {"version": 1, "revision": example.removeprefix("tiny-gpt-"), "deployment": example,
+                                "replicas": 1, "readyReplicas": 1, "weight": 100, "spec": serving_spec(obj["spec"])}
     assert status["replicas"] == 1
     assert status["endpoint"] == f"http://tiny-gpt.{namespace}.svc:8080"
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Ready": "True", "Progressing": "False", "Degraded": "False"}
 
     kids = children(testbed, namespace, "tiny-gpt")
-    assert set(kids) == {("Deployment", "tiny-gpt-v1"), ("Service", "tiny-gpt"), ("Service", "tiny-gpt-stable"),
-                         ("PodDisruptionBudget", "tiny-gpt")}
-    for kid in kids.values():
+    assert set(kids) == {("Deployment", example), ("Service", "tiny-gpt"), ("Service", "tiny-gpt-stable"),
+                         ("Service", "tiny-gpt-canary"), ("PodDisruptionBudget", "tiny-gpt")}
+    for (kind, name), kid in kids.items():
         labels = kid["metadata"]["labels"]
         assert labels["app.kubernetes.io/managed-by"] == "llmserve"
-        assert labels["llmserve.io/track"] == "stable" and labels["llmserve.io/model-version"] == "1"
+        track = "canary" if name == "tiny-gpt-canary" else "stable"
+        assert labels["llmserve.io/track"] == track and labels["llmserve.io/model-version"] == "1"
         [ref] = kid["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["uid"], ref["controller"]) == ("LLMService", obj["metadata"]["uid"], True)
 
@@ -98,7 +108,7 @@ def test_unplaceable_spec_reports_why_then_recovers(testbed, operator, namespace
     degraded, ready = condition(obj, "Degraded"), condition(obj, "Ready")
     assert degraded["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in degraded["message"]
-    assert degraded["message"].startswith("1 of 1 pods of greedy-v1: 0/")
+    assert degraded["message"].startswith(f"1 of 1 pods of {deployment(testbed, namespace, 'greedy')}: 0/")
     assert (ready["status"], ready["reason"]) == ("False", "Unschedulable")
 
     testbed.kubectl("patch", "llms/greedy", "-n", namespace, "--type=merge", "-p", '{"spec":{"runtime":{"gpus":2}}}')
@@ -112,14 +122,14 @@ def test_deleted_and_edited_children_are_repaired(testbed, operator, namespace):
     before = children(testbed, namespace, "fixme")
 
     testbed.kubectl("delete", "service", "fixme-stable", "-n", namespace)
-    testbed.kubectl("scale", "deployment", "fixme-v1", "-n", namespace, "--replicas=4")
-    testbed.kubectl("patch", "deployment", "fixme-v1", "-n", namespace, "--type=json", "-p", json.dumps(
+    testbed.kubectl("scale", "deployment", deployment(testbed, namespace, "fixme"), "-n", namespace, "--replicas=4")
+    testbed.kubectl("patch", "deployment", deployment(testbed, namespace, "fixme"), "-n", namespace, "--type=json", "-p", json.dumps(
         [{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "attacker/triton:evil"}]))
     testbed.kubectl("label", "poddisruptionbudget", "fixme", "-n", namespace, "app.kubernetes.io/managed-by-")
 
     def repaired():
         kids = children(testbed, namespace, "fixme")
-        dep = kids.get(("Deployment", "fixme-v1"))
+        dep = kids.get(("Deployment", deployment(testbed, namespace, "fixme")))
         svc = kids.get(("Service", "fixme-stable"))
         return (dep and svc and ("PodDisruptionBudget", "fixme") in kids
                 and dep["spec"]["replicas"] == 1
@@ -148,10 +158,10 @@ def test_objects_it_does_not_own_are_never_touched(testbed, operator, namespace)
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
     assert "ownerReferences" not in after["metadata"]
     # The rest of the service is still created.
-    wait_for(lambda: ("Deployment", "taken-v1") in children(testbed, namespace, "taken"), "the Deployment")
+    wait_for(lambda: ("Deployment", deployment(testbed, namespace, "taken")) in children(testbed, namespace, "taken"), "the Deployment")
 
 
-def test_version_change_replaces_the_deployment_once_the_new_one_is_ready(testbed, operator, namespace):
+def test_version_change_rolls_out_a_new_deployment_and_removes_the_old_one(testbed, operator, namespace):
     testbed.apply(llmservice("moving", namespace, version=1))
     wait_ready(testbed, namespace, "moving")
     testbed.kubectl("patch", "llms/moving", "-n", namespace, "--type=merge", "-p",
@@ -160,15 +170,16 @@ def test_version_change_replaces_the_deployment_once_the_new_one_is_ready(testbe
                    and o["status"].get("stable", {}).get("version") == 2
                    and condition(o, "Ready")["status"] == "True"
                    and condition(o, "Progressing")["status"] == "False" and o, "version 2 to be Ready")
-    assert obj["status"]["stable"]["deployment"] == "moving-v2"
+    assert obj["status"]["stable"]["deployment"] == deployment(testbed, namespace, "moving")
+    assert [h["version"] for h in obj["status"]["history"]] == [1, 2]
     wait_for(lambda: {k for k in children(testbed, namespace, "moving") if k[0] == "Deployment"}
-             == {("Deployment", "moving-v2")}, "moving-v1 to be deleted")
+             == {("Deployment", deployment(testbed, namespace, "moving"))}, "the version 1 Deployment to be deleted")
 
 
 def test_deleting_the_llmservice_removes_its_children(testbed, operator, namespace):
     testbed.apply(llmservice("doomed", namespace))
     wait_ready(testbed, namespace, "doomed")
-    assert len(children(testbed, namespace, "doomed")) == 4
+    assert len(children(testbed, namespace, "doomed")) == 5
     testbed.kubectl("delete", "llms/doomed", "-n", namespace)
     wait_for(lambda: not children(testbed, namespace, "doomed"), "the garbage collector to remove the children")
     wait_for(lambda: not get_json(testbed, "pods", "-n", namespace, "-l", "llmserve.io/service=doomed")["items"],
@@ -211,21 +222,24 @@ def test_killed_operator_restarts_and_converges_without_duplicates(testbed, oper
 
     operator.process.kill()  # SIGKILL: the lease is not released, as when the node dies
     testbed.kubectl("delete", "service", "survivor-stable", "-n", namespace)
-    testbed.kubectl("scale", "deployment", "survivor-v1", "-n", namespace, "--replicas=1")
+    testbed.kubectl("scale", "deployment", deployment(testbed, namespace, "survivor"), "-n", namespace, "--replicas=1")
     testbed.apply(llmservice("newcomer", namespace))  # created while no operator runs
 
     operator.start()  # stands by until the abandoned lease expires, then resumes
     wait_ready(testbed, namespace, "newcomer")
     wait_for(lambda: (k := children(testbed, namespace, "survivor")) and ("Service", "survivor-stable") in k
-             and k["Deployment", "survivor-v1"]["spec"]["replicas"] == 2, "survivor's children to be repaired")
+             and k["Deployment", deployment(testbed, namespace, "survivor")]["spec"]["replicas"] == 2, "survivor's children to be repaired")
     wait_ready(testbed, namespace, "survivor")
 
     after = children(testbed, namespace, "survivor")
     assert set(after) == set(before)  # no duplicates, nothing extra
-    for key in [("Service", "survivor"), ("PodDisruptionBudget", "survivor")]:  # untouched: not rewritten
-        assert after[key]["metadata"]["resourceVersion"] == before[key]["metadata"]["resourceVersion"]
+    # Untouched children are not rewritten. The PDB by generation: the disruption controller
+    # rewrites its status (hence its resourceVersion) when the scale-down above removes a pod.
+    service, pdb = ("Service", "survivor"), ("PodDisruptionBudget", "survivor")
+    assert after[service]["metadata"]["resourceVersion"] == before[service]["metadata"]["resourceVersion"]
+    assert after[pdb]["metadata"]["generation"] == before[pdb]["metadata"]["generation"]
     deployments = get_json(testbed, "deployments", "-n", namespace)["items"]
-    assert sorted(d["metadata"]["name"] for d in deployments) == ["newcomer-v1", "survivor-v1"]
+    assert sorted(d["metadata"]["name"] for d in deployments) == [deployment(testbed, namespace, "newcomer"), deployment(testbed, namespace, "survivor")]
 
 
 def test_only_one_replica_acts_and_a_standby_takes_over(testbed, operator, namespace):

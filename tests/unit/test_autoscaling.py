@@ -5,9 +5,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from datetime import datetime, timezone
+
 from llmserve.controller import autoscaling as a
 from llmserve.controller.autoscaling_cli import render
-from llmserve.controller.spec import Spec
+from llmserve.controller.rollout import Observed, plan
+from llmserve.controller.spec import Spec, deployment_name
 from llmserve.controller.status import Observation, compute
 
 CHART_RULES = Path(__file__).resolve().parents[2] / "charts" / "llmserve" / "files" / "prometheus-adapter.yaml"
@@ -175,9 +178,14 @@ def test_metric_label_matches_prometheus_sanitizing():
 
 
 def deployment(ready, replicas):
-    return {"metadata": {"name": "chat-v3", "generation": 1},
+    return {"metadata": {"name": deployment_name("chat", make().revision), "generation": 1},
             "status": {"observedGeneration": 1, "replicas": replicas, "readyReplicas": ready,
                        "updatedReplicas": replicas, "availableReplicas": ready}}
+
+
+def settled(spec):
+    """The rollout plan of a service whose only revision is stable."""
+    return plan(spec.rollout, spec.serving, spec.replicas, None, Observed(), datetime(2026, 1, 1, tzinfo=timezone.utc))
 
 
 def conditions(status):
@@ -185,21 +193,23 @@ def conditions(status):
 
 
 def test_status_stays_ready_at_the_floor_while_the_autoscaler_adds_replicas():
-    scaling_up = compute(make({"minReplicas": 1, "maxReplicas": 5}, replicas=4),
-                         Observation(deployments=[deployment(ready=1, replicas=4)]), None, "2026-01-01T00:00:00Z")
+    spec = make({"minReplicas": 1, "maxReplicas": 5}, replicas=4)
+    scaling_up = compute(spec, Observation(deployments=[deployment(ready=1, replicas=4)]), None,
+                         "2026-01-01T00:00:00Z", settled(spec))
     assert conditions(scaling_up)["Ready"] == ("True", "Available")
     assert conditions(scaling_up)["Progressing"] == ("True", "ReplicasStarting")
     assert scaling_up["autoscaling"]["maxReplicas"] == 5
     # Without autoscaling every requested replica must be ready.
     fixed = compute(make(replicas=4), Observation(deployments=[deployment(ready=1, replicas=4)]), None,
-                    "2026-01-01T00:00:00Z")
+                    "2026-01-01T00:00:00Z", settled(make(replicas=4)))
     assert conditions(fixed)["Ready"][0] == "False" and "autoscaling" not in fixed
 
 
 def test_status_degraded_when_the_hpa_cannot_read_its_metric():
     hpa = hpa_status(ScalingActive=("False", "FailedGetObjectMetric", "no metrics returned from custom metrics API"))
     status = compute(make({"maxReplicas": 5}), Observation(deployments=[deployment(ready=2, replicas=2)],
-                                                           autoscaler=hpa), None, "2026-01-01T00:00:00Z")
+                                                           autoscaler=hpa), None, "2026-01-01T00:00:00Z",
+                     settled(make({"maxReplicas": 5})))
     assert conditions(status)["Degraded"] == ("True", "MetricsUnavailable")
     assert conditions(status)["Ready"] == ("True", "Available")  # still serving at its current size
     assert status["autoscaling"]["desiredReplicas"] == 3

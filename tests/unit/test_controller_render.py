@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmserve.controller.render import Images, desired_children, puller_command
+from llmserve.controller.render import Images, Tracks, desired_children, puller_command
 from llmserve.controller.spec import Repository, Spec
 from llmserve.tritoncmd import tritonserver_command
 
@@ -22,8 +22,12 @@ def children(spec=None):
     return {(c["kind"], c["metadata"]["name"]): c for c in desired_children(make(spec), IMAGES)}
 
 
+def deployment(spec=None):
+    return children(spec)["Deployment", f"chat-{make(spec).revision}"]
+
+
 def pod(spec=None):
-    return children(spec)["Deployment", "chat-v3"]["spec"]["template"]["spec"]
+    return deployment(spec)["spec"]["template"]["spec"]
 
 
 def container(spec, name):
@@ -32,7 +36,10 @@ def container(spec, name):
 
 def test_children_names_labels_and_owner():
     kids = children()
-    assert set(kids) == {("Deployment", "chat-v3"), ("Service", "chat"), ("Service", "chat-stable"),
+    revision = make().revision
+    assert revision.startswith("v3-")
+    assert set(kids) == {("Deployment", f"chat-{revision}"), ("Service", "chat"), ("Service", "chat-stable"),
+                         ("Service", "chat-canary"),
                          ("PodDisruptionBudget", "chat")}
     for child in kids.values():
         meta = child["metadata"]
@@ -42,20 +49,25 @@ def test_children_names_labels_and_owner():
         assert meta["ownerReferences"] == [{"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
                                             "name": "chat", "uid": "uid-1", "controller": True,
                                             "blockOwnerDeletion": True}]
-    template = kids["Deployment", "chat-v3"]["spec"]["template"]
-    assert template["metadata"]["labels"]["llmserve.io/track"] == "stable"
+    template = deployment()["spec"]["template"]
+    # Pods carry their revision, not their track: promotion must not change the pod template.
+    assert "llmserve.io/track" not in template["metadata"]["labels"]
     assert template["metadata"]["labels"]["llmserve.io/model-version"] == "3"
+    assert template["metadata"]["labels"]["llmserve.io/revision"] == revision
+    assert deployment()["metadata"]["labels"]["llmserve.io/track"] == "stable"
 
 
-def test_selectors_tie_each_deployment_to_one_version_and_services_to_tracks():
-    kids = children()
-    assert kids["Deployment", "chat-v3"]["spec"]["selector"]["matchLabels"] == {
-        "llmserve.io/service": "chat", "llmserve.io/model-version": "3"}
+def test_selectors_tie_each_deployment_to_one_revision_and_services_to_tracks():
+    kids, revision = children(), make().revision
+    assert deployment()["spec"]["selector"]["matchLabels"] == {
+        "llmserve.io/service": "chat", "llmserve.io/revision": revision}
     assert kids["Service", "chat"]["spec"]["selector"] == {"llmserve.io/service": "chat"}
     assert kids["Service", "chat"]["spec"]["ports"] == [
         {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
     stable = kids["Service", "chat-stable"]["spec"]
-    assert stable["selector"] == {"llmserve.io/service": "chat", "llmserve.io/track": "stable"}
+    assert stable["selector"] == {"llmserve.io/service": "chat", "llmserve.io/revision": revision}
+    # Without a rollout the canary Service selects the stable pods: a route to it never dead-ends.
+    assert kids["Service", "chat-canary"]["spec"]["selector"] == stable["selector"]
     assert [p["port"] for p in stable["ports"]] == [8080, 8000, 8001, 8002]
     pdb = kids["PodDisruptionBudget", "chat"]["spec"]
     assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
@@ -98,8 +110,8 @@ def test_probes_are_sized_to_the_model_load_time():
     assert startup["periodSeconds"] * startup["failureThreshold"] == 25 * 60
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    deployment = children({"runtime": {"startupTimeout": "25m"}})["Deployment", "chat-v3"]
-    assert deployment["spec"]["progressDeadlineSeconds"] > 25 * 60
+    slow = deployment({"runtime": {"startupTimeout": "25m"}})
+    assert slow["spec"]["progressDeadlineSeconds"] > 25 * 60
 
 
 def test_placement_comes_from_the_spec_and_is_omitted_when_empty():
@@ -156,3 +168,16 @@ def test_repository_uris(uri, expected):
 def test_unsupported_repository_uris(uri):
     with pytest.raises(ValueError, match="unsupported repository"):
         Repository.parse(uri)
+
+
+def test_a_rollout_renders_both_revisions_and_points_each_track_service_at_its_own():
+    stable, canary = make(), make({"model": {"name": "tiny-gpt", "repository": "pvc://models/model_repo", "version": 4}})
+    kids = {(c["kind"], c["metadata"]["name"]): c
+            for c in desired_children(stable, IMAGES, Tracks(stable, 2, canary, 1))}
+    old, new = kids["Deployment", f"chat-{stable.revision}"], kids["Deployment", f"chat-{canary.revision}"]
+    assert (old["spec"]["replicas"], old["metadata"]["labels"]["llmserve.io/track"]) == (2, "stable")
+    assert (new["spec"]["replicas"], new["metadata"]["labels"]["llmserve.io/track"]) == (1, "canary")
+    assert new["spec"]["template"]["metadata"]["labels"]["llmserve.io/model-version"] == "4"
+    assert kids["Service", "chat-stable"]["spec"]["selector"]["llmserve.io/revision"] == stable.revision
+    assert kids["Service", "chat-canary"]["spec"]["selector"]["llmserve.io/revision"] == canary.revision
+    assert kids["Service", "chat"]["spec"]["selector"] == {"llmserve.io/service": "chat"}  # both tracks
