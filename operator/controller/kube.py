@@ -39,6 +39,7 @@ PLURALS = {
     ("llmserve.io/v1alpha1", "LLMService"): "llmservices",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
 }
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
