@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = (
     "llmserve.testbed.cli",
     "llmserve.controller.cli",
+    "llmserve.controller.rollout_cli",
     "llmserve.artifacts.cli",
     "llmserve.predictors.cli",
     "llmserve.quickstart",
