@@ -194,13 +194,15 @@ class KubeClient:
     """Async JSON requests against one API server. Use as `async with KubeClient(config) as c`."""
 
     def __init__(self, config: ClusterConfig, *, field_manager: str = "llmserve-operator",
-                 timeout: float = 30.0, user_agent: str = "llmserve-operator"):
+                 timeout: float = 30.0, user_agent: str = "llmserve-operator", max_inflight: int = 16):
         self.config = config
         self.field_manager = field_manager
         self.stats = RequestStats()
         self.recent = Recent()  # shared by scoped() views: what this operator wrote
         self._outer_stats: tuple[RequestStats, ...] = ()
         self._timeout = timeout
+        self._max_inflight = max_inflight
+        self._inflight: asyncio.Semaphore | None = None
         self._user_agent = user_agent
         self._session = None
 
@@ -208,10 +210,13 @@ class KubeClient:
         import aiohttp
 
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=_ssl_context(self.config), limit=32),
+            connector=aiohttp.TCPConnector(ssl=_ssl_context(self.config), limit=self._max_inflight),
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             headers={"User-Agent": self._user_agent, "Accept": "application/json"},
         )
+        # Requests beyond the limit wait here, before their timeout starts: a burst of reconciles
+        # queues instead of timing out in the connection pool.
+        self._inflight = asyncio.Semaphore(self._max_inflight)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -236,8 +241,8 @@ class KubeClient:
             headers["Authorization"] = f"Bearer {token}"
         data = None if body is None else json.dumps(body)
         try:
-            async with self._session.request(method, self.config.server + path, params=params,
-                                             data=data, headers=headers) as resp:
+            async with self._inflight, self._session.request(method, self.config.server + path, params=params,
+                                                             data=data, headers=headers) as resp:
                 text = await resp.text()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise ApiError(503, "Unreachable", f"{type(exc).__name__}: {exc}", method, path) from exc

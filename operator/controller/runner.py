@@ -95,12 +95,13 @@ async def run(opts: Options) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async with KubeClient(config) as client:
+    # The lease has its own connections: a burst of reconciles must never delay a renewal.
+    async with KubeClient(config) as client, KubeClient(config, max_inflight=2) as lease_client:
         engine = Engine(client, opts.images, identity, prometheus_url=opts.prometheus_url)
         elector = None
         if opts.leader_election:
-            elector = LeaseElector(client, opts.lease_namespace or config.namespace, opts.lease_name, identity,
-                                   duration=opts.lease_duration, renew_every=opts.lease_duration / 3)
+            elector = LeaseElector(lease_client, opts.lease_namespace or config.namespace, opts.lease_name,
+                                   identity, duration=opts.lease_duration, renew_every=opts.lease_duration / 3)
         health = await _serve_health(opts, engine, client, lambda: elector.leading if elector else True)
         try:
             if elector and not await _first(elector.acquire(), stop.wait()):
