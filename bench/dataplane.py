@@ -93,7 +93,10 @@ def serve_baseline(kind: str, source: str, port: int) -> None:
         def log_message(self, *args):
             pass
 
-    HTTPServer(("127.0.0.1", port), Handler).serve_forever()  # one request at a time
+    class Server(HTTPServer):
+        request_queue_size = 128  # waiting clients queue in the backlog instead of timing out
+
+    Server(("127.0.0.1", port), Handler).serve_forever()  # one request at a time
 
 
 class Baseline:

@@ -39,17 +39,35 @@ class Embedder:
         self.tokenizer.enable_padding(pad_id=self.meta["pad_token_id"])
 
     def embed(self, texts):
-        """Embeddings [N, dim] and token counts [N] of `texts`."""
+        """Embeddings [N, dim] and token counts [N] of `texts`.
+
+        Texts are run in groups of similar length: one long text padded into a batch of short
+        ones would multiply the batch's work (attention grows with the padded length)."""
         encodings = self.tokenizer.encode_batch(list(texts))
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        feeds = {name: np.array(columns[name], np.int64) for name in self.inputs}
-        (embeddings,) = self.session.run(["sentence_embedding"], feeds)
         counts = np.array([sum(e.attention_mask) for e in encodings], np.int32)
-        return embeddings.astype(np.float32), counts
+        embeddings = np.zeros((len(texts), self.meta["embedding_dim"]), np.float32)
+        for group in _length_groups(counts):
+            width = int(counts[group].max())
+            columns = {
+                "input_ids": [encodings[i].ids[:width] for i in group],
+                "attention_mask": [encodings[i].attention_mask[:width] for i in group],
+                "token_type_ids": [encodings[i].type_ids[:width] for i in group],
+            }
+            feeds = {name: np.array(columns[name], np.int64) for name in self.inputs}
+            (embeddings[group],) = self.session.run(["sentence_embedding"], feeds)
+        return embeddings, counts
+
+
+def _length_groups(counts, slack=2.0):
+    """Indices grouped by ascending length so that no group pads beyond `slack` x its
+    shortest member (+ a few tokens)."""
+    order = np.argsort(counts, kind="stable")
+    groups, start = [], 0
+    for k in range(1, len(order) + 1):
+        if k == len(order) or counts[order[k]] > slack * counts[order[start]] + 8:
+            groups.append(order[start:k])
+            start = k
+    return groups
 
 
 class TritonPythonModel:
