@@ -128,6 +128,7 @@ async def reconcile(parent: dict, children: Children, client: KubeClient, images
         scaler = None
         problems.append(st.Problem("AutoscalerUnavailable", str(exc)))
     wanted += [scaler] if scaler else []
+    created, updated = [], []
     for desired in wanted:
         key = (desired["kind"], desired["metadata"]["name"])
         outcome = await applier.ensure(client, desired, observed.get(key), spec.uid)
@@ -139,10 +140,14 @@ async def reconcile(parent: dict, children: Children, client: KubeClient, images
             continue
         current[key] = outcome.obj
         if outcome.action == applier.CREATED:
-            await recorder.post(parent, "Normal", "Created", f"created {applier.describe(desired)}")
+            created.append(applier.describe(desired))
         elif outcome.action == applier.UPDATED:
-            await recorder.post(parent, "Normal", "Updated",
-                                f"updated {applier.describe(desired)}: {', '.join(outcome.changed[:5])}")
+            updated.append(f"{applier.describe(desired)}: {', '.join(outcome.changed[:5])}")
+    # One Event per kind of action, not per child: a new service is one "Created" Event.
+    if created:
+        await recorder.post(parent, "Normal", "Created", f"created {', '.join(created)}")
+    if updated:
+        await recorder.post(parent, "Normal", "Updated", f"updated {'; '.join(updated)}")
 
     keys = {(d["kind"], d["metadata"]["name"]) for d in wanted}
     await _prune_autoscalers(client, recorder, parent, spec, children.autoscalers, keys)
