@@ -10,8 +10,9 @@ places the pods on KWOK GPU nodes. Printed: seconds from load start to each step
 replicas Ready, then from load stop to the service back at 1 replica.
 
 Run (after hack/setup.sh):  ~/.cache/llmserve/venv/bin/python bench/autoscaling.py
-Options: --max-replicas N, --concurrency C, --scale-down-window 15s, --testbed NAME (reuse a
-running `llmserve testbed up --name NAME`). Results also go to bench/results/autoscaling.json.
+Options: --max-replicas N, --concurrency C, --scale-down-window 15s, --cycles 3, --testbed NAME
+(reuse a running `llmserve testbed up --name NAME`). The HPA syncs every 5 s, so the reaction time
+depends on where in that period the load starts: several cycles show the spread. Results also go to bench/results/autoscaling.json.
 """
 
 from __future__ import annotations
@@ -44,11 +45,22 @@ def log(message: str) -> None:
 
 
 def milestones(bed: TestBed, adapter: MetricsAdapter, steps: dict, timeout: float) -> dict[str, float]:
-    """Poll until every step's predicate held once; seconds from now to the first time each did."""
+    """Poll until every step's predicate held once; seconds from now to the first time each did.
+
+    A predicate takes the Snapshot and a function returning the metric as the adapter serves it,
+    which is only asked for while a step still needs it (every request slows the poll down).
+    """
     start, reached = time.monotonic(), {}
     while len(reached) < len(steps):
         state = snapshot(bed, NAMESPACE, NAME)
-        metric = float(parse_quantity(adapter.object_metric(NAMESPACE, "llmservices.llmserve.io", NAME, METRIC)["value"]))
+        cache: list[float] = []
+
+        def metric() -> float:
+            if not cache:
+                item = adapter.object_metric(NAMESPACE, "llmservices.llmserve.io", NAME, METRIC)
+                cache.append(float(parse_quantity(item["value"])))
+            return cache[0]
+
         now = time.monotonic() - start
         for label, holds in steps.items():
             if label not in reached and holds(state, metric):
@@ -57,7 +69,7 @@ def milestones(bed: TestBed, adapter: MetricsAdapter, steps: dict, timeout: floa
         if now > timeout:
             missing = [label for label in steps if label not in reached]
             raise TimeoutError(f"not reached within {timeout:.0f}s: {missing}")
-        time.sleep(0.25)
+        time.sleep(0.1)
     return reached
 
 
@@ -78,25 +90,31 @@ def run(bed: TestBed, args: argparse.Namespace, workdir: Path) -> dict:
         poll("the HPA to read the metric", lambda: snapshot(bed, NAMESPACE, NAME).hpa_condition(
             "ScalingActive").get("status") == "True", 180)
         n = args.max_replicas
-        log(f"load: {args.concurrency} closed-loop clients on {MODEL} (50 ms per request)")
-        load = InferenceLoad(triton.http_url, MODEL, MODEL_INPUTS, args.concurrency).start()
-        up = milestones(bed, adapter, {
-            "metric above target (adapter)": lambda s, m: m > 1,
-            "HPA desiredReplicas raised": lambda s, m: (s.hpa_desired or 0) > 1,
-            "LLMService spec.replicas raised": lambda s, m: s.replicas > 1,
-            "Deployment replicas raised": lambda s, m: s.deployment_replicas > 1,
-            f"all {n} replicas Ready": lambda s, m: s.ready_pods == n and s.replicas == n,
-        }, timeout=300)
-        stats = load.stop()
-        log(f"load stopped: {stats.requests} requests, {stats.failures} failed")
-        down = milestones(bed, adapter, {
-            "metric back to 0 (1m rate window drained)": lambda s, m: m == 0,
-            "LLMService spec.replicas back to 1": lambda s, m: s.replicas == 1,
-            "pods back to 1": lambda s, m: s.pods == 1,
-        }, timeout=600)
+        cycles = []
+        for cycle in range(1, args.cycles + 1):
+            log(f"cycle {cycle}: {args.concurrency} closed-loop clients on {MODEL} (50 ms per request)")
+            load = InferenceLoad(triton.http_url, MODEL, MODEL_INPUTS, args.concurrency).start()
+            up = milestones(bed, adapter, {
+                "metric above target (adapter)": lambda s, m: m() > 1,
+                "HPA desiredReplicas raised": lambda s, m: (s.hpa_desired or 0) > 1,
+                "LLMService spec.replicas raised": lambda s, m: s.replicas > 1,
+                "Deployment replicas raised": lambda s, m: s.deployment_replicas > 1,
+                f"all {n} replicas Ready": lambda s, m: s.ready_pods == n and s.replicas == n,
+            }, timeout=300)
+            stats = load.stop()
+            log(f"cycle {cycle}: load stopped: {stats.requests} requests, {stats.failures} failed")
+            down = milestones(bed, adapter, {
+                "metric back to 0 (1m rate window drained)": lambda s, m: m() == 0,
+                "LLMService spec.replicas back to 1": lambda s, m: s.replicas == 1,
+                "pods back to 1": lambda s, m: s.pods == 1,
+            }, timeout=600)
+            cycles.append({"requests": stats.requests, "failed_requests": stats.failures,
+                           "scale_up_seconds_from_load_start": up, "scale_down_seconds_from_load_stop": down})
+        ready = sorted(c["scale_up_seconds_from_load_start"][f"all {n} replicas Ready"] for c in cycles)
         return {"max_replicas": n, "concurrency": args.concurrency, "scale_down_window": args.scale_down_window,
-                "hpa_sync_period_seconds": 5, "requests": stats.requests, "failed_requests": stats.failures,
-                "scale_up_seconds_from_load_start": up, "scale_down_seconds_from_load_stop": down}
+                "hpa_sync_period_seconds": 5, "poll_resolution_seconds": 0.3, "cycles": cycles,
+                "load_start_to_all_ready_seconds": {"min": ready[0], "median": ready[len(ready) // 2],
+                                                    "max": ready[-1]}}
     finally:
         for component in (adapter, prometheus, triton):
             if component is not None:
@@ -110,6 +128,7 @@ def main() -> int:
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4, help="closed-loop clients (default 4)")
     parser.add_argument("--scale-down-window", default="15s", help="scaleDown.stabilizationWindow (default 15s)")
+    parser.add_argument("--cycles", type=int, default=3, help="load / idle cycles to measure (default 3)")
     parser.add_argument("--testbed", help="reuse this running test bed instead of starting one")
     args = parser.parse_args()
     bed = TestBed(args.testbed or "bench-autoscaling")
