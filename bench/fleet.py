@@ -93,7 +93,9 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
         install_chart(bed)
         bed.kubectl("wait", "--for=condition=Established", "crd/llmservices.llmserve.io", "--timeout=60s")
         kubeconfig = service_account_kubeconfig(bed, workdir / f"operator-{n}.kubeconfig")
-        operator = LocalOperator(kubeconfig, workdir / f"operator-{n}.log", identity="bench").start().wait_leading()
+        # One replica, no election: a lease renewal starved by a saturated machine would stop it.
+        operator = LocalOperator(kubeconfig, workdir / f"operator-{n}.log", identity="bench",
+                                 extra_args=("--no-leader-election",)).start().wait_leading()
         bed.kubectl("create", "namespace", NAMESPACE)
 
         started = time.monotonic()
