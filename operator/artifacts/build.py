@@ -386,6 +386,9 @@ def _build_generate(req: BuildRequest, config, staged: Path, work: Path) -> tupl
                                    lm.empty_past(1), np.arange(n)[None])
             cand_argmax.append(logits[0].argmax(-1))
         metrics = gates.next_token_agreement(ref_argmax, cand_argmax)
+    if req.thresholds.check(metrics):  # already refused: skip the slowest measurement
+        progress("greedy generation skipped: the artifact already failed the gate")
+        return metrics, {}, {"fused_operators": fused}
     prompts = gates.LM_PROMPTS if req.eval_texts is None else [t[:64] for t in texts]
     new_tokens = 24
     with _Stage(f"accuracy gate: greedy generation ({len(prompts)} prompts x {new_tokens} tokens)"):
