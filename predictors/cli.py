@@ -42,16 +42,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--request-timeout", type=_positive_float, default=DEFAULT_REQUEST_TIMEOUT,
                         metavar="SECONDS",
                         help=f"deadline of each Triton call, whole streams included (default {DEFAULT_REQUEST_TIMEOUT:g})")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log one line per request (off: /metrics counts requests by status)")
     parser.set_defaults(func=_predictor)
 
 
 def predictor_command(triton_grpc: str, model: str, *, http_port: int = DEFAULT_HTTP_PORT,
-                      executable: str = "llmserve", **flags: int | float) -> list[str]:
+                      executable: str = "llmserve", **flags: bool | int | float) -> list[str]:
     """The argv of `llmserve predictor`; ``flags`` are optional flags by their dest name
-    (``max_concurrency=8`` -> ``--max-concurrency 8``)."""
+    (``max_concurrency=8`` -> ``--max-concurrency 8``, ``access_log=True`` -> ``--access-log``)."""
     argv = [executable, "predictor", "--triton-grpc", triton_grpc, "--http-port", str(http_port), "--model", model]
     for name, value in flags.items():
-        argv += [f"--{name.replace('_', '-')}", str(value)]
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
     return argv
 
 

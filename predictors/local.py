@@ -31,12 +31,13 @@ class PredictorError(RuntimeError):
 class LocalPredictor:
     """``llmserve predictor --triton-grpc <triton_grpc> --model <model>`` on 127.0.0.1.
 
-    ``flags`` are further predictor flags by dest name (``max_concurrency=2``). ``start`` returns
+    ``flags`` are further predictor flags by dest name (``max_concurrency=2``, ``access_log=True``). ``start`` returns
     once the predictor is live and, with ``wait_ready`` (default), once it reports ready, which
     means Triton has the model ready.
     """
 
-    def __init__(self, triton_grpc: str, model: str, *, startup_timeout: float = 60.0, **flags: int | float) -> None:
+    def __init__(self, triton_grpc: str, model: str, *, startup_timeout: float = 60.0,
+                 **flags: bool | int | float) -> None:
         self.triton_grpc = triton_grpc
         self.model = model
         self.flags = flags

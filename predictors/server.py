@@ -9,7 +9,8 @@ and ``/metrics`` from the Prometheus default registry. What is set here:
 - ``TritonDataPlane`` replaces kserve's data plane so server readiness is Triton's.
 - ``APIError`` renders as OpenAI's error object under ``/v1`` and as ``{"error": ...}`` (the V2
   protocol's shape) elsewhere, without the traceback kserve's handlers log for every 4xx.
-- kserve's per-request timing log line is silenced: the same numbers are in ``/metrics``.
+- kserve's per-request timing line and (unless ``--access-log``) uvicorn's access line are
+  silenced: the same facts are in ``/metrics``, and each line costs CPU on every request.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def serve(args: argparse.Namespace) -> None:
                          enable_docs_url=False)
     server.dataplane = TritonDataPlane(model_registry=server.registered_models)
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    if not args.access_log:
+        # uvicorn skips formatting access lines when its access logger has no handlers.
+        logging.getLogger("uvicorn.access").handlers.clear()
+        logging.getLogger("uvicorn.access").propagate = False
 
     app = kserve_model_server.app
     # Included before kserve adds its V1 routes at start(), so OpenAI's /v1/models wins over

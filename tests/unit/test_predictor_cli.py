@@ -36,9 +36,11 @@ def test_the_operator_sidecar_command_is_what_the_predictor_parses():
 
 
 def test_flags_round_trip():
-    argv = predictor_command("127.0.0.1:9", "m", http_port=9000, max_concurrency=3, request_timeout=2.5)
+    argv = predictor_command("127.0.0.1:9", "m", http_port=9000, max_concurrency=3, request_timeout=2.5,
+                             access_log=True)
     args = build_parser().parse_args(argv[1:])
-    assert (args.http_port, args.max_concurrency, args.request_timeout) == (9000, 3, 2.5)
+    assert (args.http_port, args.max_concurrency, args.request_timeout, args.access_log) == (9000, 3, 2.5, True)
+    assert "--access-log" not in predictor_command("h:1", "m", access_log=False)
     assert build_parser().parse_args(predictor_command("h:1", "m")[1:]).max_concurrency == DEFAULT_MAX_CONCURRENCY
 
 
