@@ -285,13 +285,11 @@ class _Machine:
         """End the rollout of the target: recorded in history, announced as an Event."""
         self.history.append(_history_entry(self.target, outcome, self.now, reason, message))
         self.history = _prune(self.history)
-        self.event(type_, f"Rollout{outcome}" if outcome == PROMOTED else reason, message)
+        self.event(type_, f"Rollout{outcome}", message)
 
     def abort(self, reason: str, message: str) -> None:
         self.rollout.update(phase=ABORTED, reason=reason, message=message)
-        for key in ("stepReachedAt", "weightSince"):
-            self.rollout.pop(key, None)
-        self.finish(ABORTED, reason, f"aborted rollout of {self.target.name}: {message}")
+        self.finish(ABORTED, reason, f"aborted rollout of {self.target.name} ({reason}): {message}")
 
     def cancel(self, why: str) -> None:
         """The spec moved away from an active rollout's revision before it finished."""

@@ -225,6 +225,7 @@ def test_failure_limit_failed_checks_abort_and_restore_stable():
     assert aborted.split == r.Split(2, 0, 1, 0, True)  # weight 0, canary scaled to 0, stable whole
     assert aborted.status["canary"]["weight"] == 0 and aborted.status["canary"]["replicas"] == 0
     assert "error rate 30.00%" in aborted.degraded[1] and "2 of 2 allowed failed checks" in aborted.degraded[1]
+    assert ("Warning", "RolloutAborted") in [(t, reason) for t, reason, _ in aborted.events]
     last = aborted.status["history"][-1]
     assert (last["revision"], last["outcome"], last["reason"]) == (R2, r.ABORTED, "AnalysisFailed")
     assert "spec" not in last

@@ -1,0 +1,210 @@
+"""Canary rollouts on a test bed, shared by the end-to-end tests and `bench/rollout.py`.
+
+The operator, API server, scheduler and KWOK GPU nodes are real, but KWOK's pods run nothing, so
+the data plane of each revision is a real local tritonserver serving that model version, scraped
+by a real Prometheus with the labels in-cluster relabeling gives the revision's pods
+(`namespace`, `llmserve_io_service`, `llmserve_io_model_version`, `llmserve_io_revision`).
+
+`TrackRouter` stands for the traffic split: it follows the LLMService's status through a watch and
+sends each request to the stable or the canary revision in the proportion the operator publishes
+(`status.canary.weight`), and fails a request sent to a track without ready pods, as a Service
+without endpoints would (kserve#5983). It checks the rollout's safety rules on every status it
+sees: no weight on a canary without ready pods, ready capacity never below the requested
+replicas, never more than replicas + maxSurge pods.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..controller.rollout import revision_name, serving_spec
+from .cluster import TestBed
+from .prometheus import metric_labels
+
+MODEL = "rollout_probe"  # tests/data/model_repo/rollout_probe: versions good, flaky, slow and broken
+VERSIONS = (1, 2, 3, 4, 5)
+INFER_BODY = json.dumps({"inputs": [{"name": "INPUT0", "shape": [4], "datatype": "FP32",
+                                     "data": [1.0, 2.0, 3.0, 4.0]}]}).encode()
+
+
+def stage_probe_versions(source: Path, destination: Path) -> Path:
+    """A model repository with every version of `rollout_probe`: the repository keeps only
+    version 1, and each version is a copy of it that picks its behaviour from its version."""
+    model = destination / MODEL
+    model.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / MODEL / "config.pbtxt", model / "config.pbtxt")
+    for version in VERSIONS:
+        (model / str(version)).mkdir(exist_ok=True)
+        shutil.copy2(source / MODEL / "1" / "model.py", model / str(version) / "model.py")
+    return destination
+
+
+def revision_of(stored_spec: dict, version: int) -> str:
+    """The revision the operator gives `version` of a service whose spec is `stored_spec` (as the
+    API server stored it, defaults included): only the version differs between the revisions."""
+    serving = serving_spec(stored_spec)
+    return revision_name({**serving, "model": {**serving["model"], "version": version}})
+
+
+def scrape_target(server, namespace: str, service: str, version: int, revision: str) -> dict:
+    """A Prometheus target for `server` labeled as a pod of `revision` would be."""
+    labels = metric_labels({"llmserve.io/service": service, "llmserve.io/model-version": str(version),
+                            "llmserve.io/revision": revision})
+    return {"target": server.metrics_target, "labels": {"namespace": namespace, **labels}}
+
+
+@dataclass
+class Observation:
+    """One LLMService status as the watch delivered it, and when."""
+
+    at: float  # time.monotonic()
+    status: dict
+
+
+@dataclass
+class Tally:
+    ok: Counter = field(default_factory=Counter)  # revision -> answered requests
+    failed: Counter = field(default_factory=Counter)  # revision -> failed requests
+    errors: list[str] = field(default_factory=list)  # the first failures, for the report
+
+
+class TrackRouter:
+    """Route `rate` requests per second over the revisions of LLMService `namespace/name` in the
+    proportions its status publishes, using `servers` (revision -> TritonServer)."""
+
+    def __init__(self, bed: TestBed, namespace: str, name: str, servers: dict, *, rate: float = 20.0,
+                 clients: int = 8, max_surge: int = 1):
+        self.bed, self.namespace, self.name, self.servers = bed, namespace, name, servers
+        self.interval, self.clients, self.max_surge = clients / rate, clients, max_surge
+        self.timeline: list[Observation] = []
+        self.violations: list[str] = []
+        self.tally = Tally()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._credit = 0
+        self._status: dict = {}
+        self._spec: dict = {}
+        self._threads: list[threading.Thread] = []
+        self._watch: subprocess.Popen | None = None
+
+    # -- the status the operator publishes ------------------------------------------------------
+    def start(self) -> TrackRouter:
+        self._watch = subprocess.Popen(
+            [str(self.bed.bin_dir / "kubectl"), "get", "llms", self.name, "-n", self.namespace, "-o", "json",
+             "--watch"], env=self.bed.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._threads = [threading.Thread(target=self._follow, name="router-watch", daemon=True)]
+        self._threads += [threading.Thread(target=self._client, name=f"router-{i}", daemon=True)
+                          for i in range(self.clients)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _follow(self) -> None:
+        decoder, buffer = json.JSONDecoder(), ""
+        for line in self._watch.stdout:
+            buffer += line
+            try:
+                obj, end = decoder.raw_decode(buffer.lstrip())
+            except ValueError:
+                continue
+            buffer = buffer.lstrip()[end:]
+            self._observe(obj)
+
+    def _observe(self, obj: dict) -> None:
+        status, spec = obj.get("status") or {}, obj.get("spec") or {}
+        replicas = spec.get("replicas", 1)
+        stable, canary = status.get("stable") or {}, status.get("canary") or {}
+        where = f"{(status.get('rollout') or {}).get('phase')} step {(status.get('rollout') or {}).get('step')}"
+        if canary.get("weight") and not canary.get("readyReplicas"):
+            self.violations.append(f"{where}: weight {canary['weight']}% on canary without ready pods")
+        if stable and stable.get("replicas", 0) + canary.get("readyReplicas", 0) < replicas:
+            self.violations.append(f"{where}: stable asked for {stable.get('replicas')} pods with "
+                                   f"{canary.get('readyReplicas', 0)} ready canary pods, below {replicas}")
+        if stable.get("replicas", 0) + canary.get("replicas", 0) > replicas + self.max_surge:
+            self.violations.append(f"{where}: {stable.get('replicas')} + {canary.get('replicas')} pods exceed "
+                                   f"{replicas} + maxSurge {self.max_surge}")
+        with self._lock:
+            self._status, self._spec = status, spec
+            self.timeline.append(Observation(time.monotonic(), status))
+
+    def latest(self) -> dict:
+        with self._lock:
+            return self._status
+
+    # -- the load -------------------------------------------------------------------------------
+    def _pick(self) -> dict:
+        """The track block the next request goes to: smooth weighted round robin on the weight."""
+        with self._lock:
+            stable, canary = self._status.get("stable") or {}, self._status.get("canary") or {}
+            self._credit += canary.get("weight", 0) if canary else 0
+            if self._credit >= 100:
+                self._credit -= 100
+                return canary
+            return stable
+
+    def _client(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            track = self._pick()
+            if track:
+                self._send(track)
+            next_at += self.interval
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def _send(self, track: dict) -> None:
+        revision, server = track.get("revision"), self.servers.get(track.get("revision"))
+        if not track.get("readyReplicas"):
+            error = f"{revision}: no ready pods (a Service without endpoints)"
+        elif server is None:
+            error = f"{revision}: no tritonserver for this revision"
+        else:
+            request = urllib.request.Request(f"{server.http_url}/v2/models/{MODEL}/infer", data=INFER_BODY,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    response.read()
+                error = ""
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                error = f"{revision}: {exc}"
+        with self._lock:
+            if error:
+                self.tally.failed[revision] += 1
+                if len(self.tally.errors) < 20:
+                    self.tally.errors.append(error)
+            else:
+                self.tally.ok[revision] += 1
+
+    def wait_for(self, predicate, what: str, timeout: float = 180.0) -> dict:
+        """The first observed status for which `predicate(status)` holds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.latest()
+            if status and predicate(status):
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last status: "
+                             f"{json.dumps(self.latest(), indent=1)[:3000]}")
+
+    def stop(self) -> Tally:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.terminate()
+            self._watch.wait(10)
+        for thread in self._threads:
+            thread.join(35)
+        return self.tally
+
+    def __enter__(self) -> TrackRouter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
