@@ -64,6 +64,10 @@ class LocalPredictor:
     def log_tail(self, lines: int = 60) -> str:
         return tail(self.log_path, lines)
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def returncode(self) -> int | None:
         """The exit status once the process has ended, else None."""
         return self._process.returncode() if self._process is not None else None

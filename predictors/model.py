@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from kserve import InferRequest, InferResponse, Model
+from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.grpc.grpc_predict_v2_pb2 import ModelInferResponse
 from .metrics import Admission, RequestRecord
 from .protocol import APIError, Usage
 from .triton import ModelInterface, Triton, grpcclient
@@ -89,8 +88,14 @@ class TritonModel(Model):
             record.fail(exc)
             raise
         record.finish(200)
-        # Triton's and kserve's ModelInferResponse are the same V2 gRPC message.
-        return InferResponse.from_grpc(ModelInferResponse.FromString(result.get_response().SerializeToString()))
+        response = result.get_response()
+        outputs = [InferOutput(o.name, list(o.shape), o.datatype, data=result.as_numpy(o.name))
+                   for o in response.outputs]
+        # Honour the client's binary-output request (tritonclient.http makes it by default): raw
+        # tensor bytes skip FastAPI's per-element JSON encoding of a large output.
+        return InferResponse(response_id=response.id, model_name=self.name, model_version=response.model_version,
+                             infer_outputs=outputs, use_binary_outputs=payload.use_binary_outputs,
+                             requested_outputs=payload.request_outputs)
 
     async def _generate_inputs(self, fields: Mapping[str, Any]) -> list[Any]:
         interface = await self.interface()

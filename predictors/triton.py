@@ -37,8 +37,8 @@ def _import_tritonclient_grpc() -> tuple[Any, Any]:
     with "duplicate symbol 'inference.ServerLiveRequest'" (kserve/kserve#3099,
     triton-inference-server/client#730). The generated modules register into
     ``descriptor_pool.Default()`` at import time, so for the duration of this import that default
-    is a private pool. The messages are the same on the wire, so a Triton response converts to
-    kserve's type by ``FromString(SerializeToString())``. If tritonclient was imported earlier
+    is a private pool; the predictor passes tensors between the two as numpy arrays. If
+    tritonclient was imported earlier
     (a process without kserve, such as the test runner), the existing modules are reused.
     """
     default = descriptor_pool.Default

@@ -183,9 +183,11 @@ def test_v2_protocol_with_tritonclient(embedding_service, generate_service):
     try:
         tensor = httpclient.InferInput("text_input", [1, 1], "BYTES")
         tensor.set_data_from_numpy(np.array([[PROMPT.encode()]], dtype=object))
-        result = generate.infer(generate_service.model, [tensor])
-        # JSON tensor data: BYTES come back as strings.
-        assert result.as_numpy("text_output")[0][0] == direct(generate_service, prompt=PROMPT).text
+        result = generate.infer(generate_service.model, [tensor])  # binary outputs, tritonclient's default
+        assert result.as_numpy("text_output")[0][0].decode() == direct(generate_service, prompt=PROMPT).text
+        as_json = generate.infer(generate_service.model, [tensor],
+                                 outputs=[httpclient.InferRequestedOutput("finish_reason", binary_data=False)])
+        assert as_json.get_response()["outputs"][0]["data"] == ["length"]
     finally:
         generate.close()
 
