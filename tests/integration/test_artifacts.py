@@ -171,6 +171,8 @@ def test_smollm2_int8_is_refused_and_fp32_serves_like_pytorch(smollm2_artifact, 
 
     server = triton_server(_pulled(smollm2_artifact, tmp_path), {"smollm2": 1})
     prompts = ["The capital of France is", "def add(a, b):"]
-    answers = client.generate(server.grpc_url, "smollm2",
-                              [{"prompt": p, "max_tokens": 16} for p in prompts])
+    # One at a time: batched prompts would be compared through padding, which the tiny LM test
+    # already covers; here the point is the real model's numerics end to end.
+    answers = [client.generate(server.grpc_url, "smollm2", [{"prompt": p, "max_tokens": 16}])[0]
+               for p in prompts]
     assert [a.text for a in answers] == _torch_greedy(smollm2_artifact.source, prompts, 16)
