@@ -334,6 +334,11 @@ INVALID = [
      ["spec.rollout.steps[0].pause", "duration"]),
     ("error-rate-above-one", ("spec", "rollout"), {"analysis": {"maxErrorRate": "2"}},
      ["spec.rollout.analysis.maxErrorRate", "fraction between 0 and 1"]),
+    ("surge-zero", ("spec", "rollout"), {"maxSurge": 0}, ["spec.rollout.maxSurge", "greater than or equal to 1"]),
+    ("interval-too-short", ("spec", "rollout"), {"analysis": {"interval": "1s"}},
+     ["spec.rollout.analysis.interval", "between 2s and 1h"]),
+    ("prometheus-not-url", ("spec", "rollout"), {"analysis": {"prometheus": {"url": "prometheus:9090"}}},
+     ["spec.rollout.analysis.prometheus.url", "should match"]),
     ("unknown-field", ("spec", "modle"), {"name": "typo"}, ['unknown field "spec.modle"']),
     ("name-not-dns-label", ("metadata", "name"), "chat.bot", ["metadata.name must be a DNS-1035 label"]),
 ]
