@@ -34,8 +34,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--predictor-image", default=os.environ.get("LLMSERVE_PREDICTOR_IMAGE", DEFAULT_PREDICTOR_IMAGE),
                      help="default predictor sidecar image ($LLMSERVE_PREDICTOR_IMAGE)")
     run.add_argument("--prometheus-url", default=os.environ.get("LLMSERVE_PROMETHEUS_URL", ""),
-                     help="Prometheus that scrapes the Triton pods, for KEDA autoscaling triggers "
-                          "($LLMSERVE_PROMETHEUS_URL)")
+                     help="Prometheus that scrapes the Triton pods, for KEDA autoscaling triggers and "
+                          "canary analysis ($LLMSERVE_PROMETHEUS_URL)")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.set_defaults(func=_run)
 
