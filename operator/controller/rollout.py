@@ -257,10 +257,9 @@ class _Machine:
     """One application of the rules; `plan()` is its only user."""
 
     def __init__(self, policy: Policy, target: Revision, replicas: int, status: dict | None,
-                 observed: Observed, now: datetime, gateway: bool):
+                 observed: Observed, now: datetime):
         status = status or {}
-        self.policy, self.target, self.replicas, self.observed = policy, target, replicas, observed
-        self.now, self.gateway = now, gateway
+        self.policy, self.target, self.replicas, self.observed, self.now = policy, target, replicas, observed, now
         self.stable = Revision.from_status(status.get("stable"))
         self.rollout = dict(status.get("rollout") or {})
         self.history = list(status.get("history") or [])
@@ -314,7 +313,7 @@ class _Machine:
         phase = self.rollout.get("phase")
         if verb == PROMOTE and phase in (PROGRESSING, PAUSED, ABORTED):
             self.rollout.update(phase=PROMOTING, step=len(self.policy.steps), stepStartedAt=stamp(self.now))
-            for key in ("stepReachedAt", "reason"):
+            for key in ("stepReachedAt", "reason", "message"):
                 self.rollout.pop(key, None)
             self.event("Normal", "RolloutPromoteRequested",
                        f"promoting {self.target.name} on request, skipping the remaining steps and analysis")
@@ -347,7 +346,7 @@ class _Machine:
         elif verdict.result == FAIL:
             failed = self.rollout.get("failedChecks", 0) + 1
             self.rollout["failedChecks"] = failed
-            limit = self.policy.analysis.failure_limit if self.policy.analysis else 1
+            limit = self.policy.analysis.failure_limit  # a verdict exists only when analysis is on
             if verdict.fatal:
                 self.abort("AnalysisFailed", f"fail fast, {verdict.message}")
             elif failed >= limit:
@@ -451,7 +450,7 @@ def plan(policy: Policy, serving: dict, replicas: int, status: dict | None, obse
     reconcile because `analysis_due()` said so; `action` the action annotation's value; `gateway`
     whether traffic is split by HTTPRoute weights (else by the replica ratio behind the Service).
     """
-    m = _Machine(policy, Revision.of(serving), replicas, status, observed, now, gateway)
+    m = _Machine(policy, Revision.of(serving), replicas, status, observed, now)
     if m.stable is None:  # the first revision of the service: nothing to roll out from
         m.stable = m.target
         m.history = _prune(m.history + [_history_entry(m.target, PROMOTED, now, "Initial",
