@@ -1,6 +1,6 @@
 """Canary analysis without Prometheus: the queries, reading their results, and the verdicts.
 The HTTP client and the queries themselves run against a real Prometheus scraping real Triton
-servers in tests/integration/test_analysis.py."""
+servers in tests/integration/test_canary_analysis.py."""
 
 import asyncio
 import math
