@@ -120,7 +120,10 @@ class MetricsAdapter:
                 f"--lister-kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
                 f"--authorization-kubeconfig={kubeconfig}",
                 f"--prometheus-url={self.prometheus_url}", f"--config={config}",
-                f"--metrics-relist-interval={self.relist_interval}", "--v=2",
+                # Discovery looks for series seen within max-age (default: one relist interval);
+                # a minute rides out a few slow scrapes on a busy machine instead of dropping the
+                # metric until the next relist.
+                f"--metrics-relist-interval={self.relist_interval}", "--metrics-max-age=1m", "--v=2",
             ]
             self._process = LocalProcess(argv, self.log_path, cwd=self._workdir)
             self._process.start()

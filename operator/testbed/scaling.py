@@ -20,7 +20,7 @@ from typing import TypeVar
 import yaml
 
 from ..controller.local import CHART_DIR
-from ..controller.spec import LABEL_SERVICE
+from ..controller.spec import LABEL_SERVICE, LABEL_TRACK
 from .cluster import TestBed
 from .metrics_adapter import NAMESPACE as ADAPTER_NAMESPACE
 from .prometheus import metric_labels
@@ -75,15 +75,18 @@ def triton_target(metrics_target: str, namespace: str, pod: dict) -> dict:
     return {"target": metrics_target, "labels": labels}
 
 
-def poll(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.5) -> T:
-    """Call `probe` until it returns something truthy; TimeoutError naming `what` otherwise."""
+def poll(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.5,
+         explain: Callable[[], str] | None = None) -> T:
+    """Call `probe` until it returns something truthy; TimeoutError naming `what` otherwise, with
+    `explain()` (the state that did not change) appended."""
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"
+                               + (f"\n{explain()}" if explain else ""))
         time.sleep(interval)
 
 
@@ -108,6 +111,11 @@ class Snapshot:
         conds = ((self.hpa or {}).get("status") or {}).get("conditions") or []
         return next((c for c in conds if c.get("type") == type_), {})
 
+    def track(self, name: str) -> int:
+        """spec.replicas of the Deployment serving track `name` (stable or canary), 0 without one."""
+        return sum(d["spec"].get("replicas", 0) for d in self.deployments
+                   if (d["metadata"].get("labels") or {}).get(LABEL_TRACK) == name)
+
     @property
     def deployment_replicas(self) -> int:
         return sum(d["spec"].get("replicas", 0) for d in self.deployments)
@@ -119,6 +127,14 @@ class Snapshot:
     @property
     def pods(self) -> int:
         return sum((d.get("status") or {}).get("replicas", 0) for d in self.deployments)
+
+    def explain(self) -> str:
+        """What a person debugging a stuck scale would look at first."""
+        hpa = {t: (c.get("status"), c.get("reason"), c.get("message"))
+               for t in ("AbleToScale", "ScalingActive", "ScalingLimited") if (c := self.hpa_condition(t))}
+        return (f"spec.replicas={self.replicas} HPA desired={self.hpa_desired} stable={self.track('stable')} "
+                f"canary={self.track('canary')} pods={self.pods} ready={self.ready_pods}\nHPA conditions: {hpa}\n"
+                f"LLMService conditions: {(self.llmservice.get('status') or {}).get('conditions')}")
 
     def condition(self, type_: str) -> dict:
         conds = (self.llmservice.get("status") or {}).get("conditions") or []

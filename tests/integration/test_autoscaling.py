@@ -21,6 +21,26 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 METRIC = "llmserve_queue_compute_ratio"
 
 
+def metrics_path(testbed, namespace, name, model_repo, triton_server, prometheus, metrics_adapter):
+    """Once the LLMService's first pod is Ready: a tritonserver standing for it, Prometheus scraping
+    it with that pod's labels, the adapter with the chart's rules. Returns (triton, adapter,
+    explain) once the HPA reads the metric through the aggregated API; `explain()` describes the
+    state of the whole path for a timeout message."""
+    pod = poll("the first pod of the LLMService to be Ready", lambda: first_pod(testbed, namespace, name), 120)
+    triton = triton_server(model_repo, {MODEL: 1})
+    prom = prometheus([triton_target(triton.metrics_target, namespace, pod)])
+    adapter = metrics_adapter(prom.url)
+    poll("the adapter to discover the metric",
+         lambda: f"llmservices.llmserve.io/{METRIC}" in adapter.metric_names(), 60)
+
+    def explain():
+        return f"{snapshot(testbed, namespace, name).explain()}\nPrometheus targets: {prom.target_health()}"
+
+    poll("the HPA to read the metric through the aggregated API", lambda: snapshot(
+        testbed, namespace, name).hpa_condition("ScalingActive").get("status") == "True", 120, explain=explain)
+    return triton, adapter, explain
+
+
 @pytest.mark.triton
 @pytest.mark.prometheus
 def test_load_on_triton_scales_the_llmservice_up_and_back_down(
@@ -28,25 +48,16 @@ def test_load_on_triton_scales_the_llmservice_up_and_back_down(
     name = "chat"
     testbed.apply(llmservice(name, namespace, sample_model_repo, min_replicas=1, max_replicas=3,
                              scale_down="10s"))
-    pod = poll("the first pod of the LLMService to be Ready", lambda: first_pod(testbed, namespace, name), 120)
-
     hpa = poll("the operator to create the HPA", lambda: snapshot(testbed, namespace, name).hpa, 60)
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
                                              "name": name}
-
-    triton = triton_server(sample_model_repo, {MODEL: 1})
-    prom = prometheus([triton_target(triton.metrics_target, namespace, pod)])
-    adapter = metrics_adapter(prom.url)
+    triton, adapter, explain = metrics_path(testbed, namespace, name, sample_model_repo, triton_server,
+                                            prometheus, metrics_adapter)
 
     def metric():
         return adapter.object_metric(namespace, "llmservices.llmserve.io", name, METRIC)
 
-    poll("the adapter to discover the metric",
-         lambda: f"llmservices.llmserve.io/{METRIC}" in adapter.metric_names(), 60)
-    idle = poll("the HPA to read the metric through the aggregated API", lambda: (
-        s if (s := snapshot(testbed, namespace, name)).hpa_condition("ScalingActive").get("status") == "True"
-        else None), 120)
-    assert idle.replicas == 1
+    assert snapshot(testbed, namespace, name).replicas == 1
     assert metric()["value"] == "0"
 
     seen_up = []
@@ -57,7 +68,7 @@ def test_load_on_triton_scales_the_llmservice_up_and_back_down(
             seen_up.append(s.replicas)
             return s if s.replicas == 3 and s.ready_pods == 3 else None
 
-        up = poll("the HPA to raise the LLMService to 3 Ready replicas", scaled_up, 240)
+        up = poll("the HPA to raise the LLMService to 3 Ready replicas", scaled_up, 240, explain=explain)
         loaded = metric()
         assert loaded["describedObject"]["kind"] == "LLMService"
         assert parse_quantity(loaded["value"]) > 1  # 4 clients on one 50 ms-at-a-time server: about 3
@@ -80,7 +91,7 @@ def test_load_on_triton_scales_the_llmservice_up_and_back_down(
         return s if s.replicas == 1 and s.pods == 1 else None
 
     # The 1m rate window drains, then the 10s scale-down stabilization window passes.
-    down = poll("the HPA to return the LLMService to 1 replica after the load", scaled_down, 300)
+    down = poll("the HPA to return the LLMService to 1 replica after the load", scaled_down, 300, explain=explain)
     assert seen_down == sorted(seen_down, reverse=True), f"replicas went up without load: {seen_down}"
     assert down.condition("Ready")["status"] == "True"
     assert down.condition("Degraded")["status"] == "False"
@@ -134,3 +145,48 @@ def test_scale_to_zero_without_the_feature_gate_and_removing_autoscaling(testbed
     gone = poll("the HPA to be deleted with spec.autoscaling", lambda: (
         s if (s := snapshot(testbed, namespace, "idle")).hpa is None else None), 60)
     assert "autoscaling" not in gone.llmservice["status"]
+
+
+@pytest.mark.triton
+@pytest.mark.prometheus
+def test_the_autoscaler_and_a_canary_do_not_fight(
+        testbed, operator, namespace, sample_model_repo, triton_server, prometheus, metrics_adapter):
+    """argo-rollouts#3849, #2857: there an HPA scales the stable ReplicaSet to maxReplicas during a
+    canary and keeps it there. Here the HPA moves only the LLMService's replicas, and the operator
+    splits them by the step weight: at 4 replicas and 50 %, 2 stable + 2 canary; when the load
+    goes, both tracks shrink with the total. Never more than maxReplicas + maxSurge pods."""
+    name, max_replicas, max_surge = "duo", 4, 1
+    manifest = llmservice(name, namespace, sample_model_repo, min_replicas=1, max_replicas=max_replicas,
+                          scale_down="10s")
+    manifest["spec"]["rollout"] = {"steps": [{"weight": 50, "pause": "1h"}], "maxSurge": max_surge}
+    testbed.apply(manifest)
+    triton, _, explain = metrics_path(testbed, namespace, name, sample_model_repo, triton_server, prometheus,
+                                      metrics_adapter)
+    seen = []
+
+    def watch(done):
+        def probe():
+            s = snapshot(testbed, namespace, name)
+            seen.append((s.replicas, s.track("stable"), s.track("canary")))
+            return s if done(s) else None
+        return probe
+
+    with InferenceLoad(triton.http_url, MODEL, MODEL_INPUTS, concurrency=4) as load:
+        poll("the HPA to raise the service to 4 Ready replicas", watch(
+            lambda s: s.replicas == 4 and s.ready_pods == 4), 240, explain=explain)
+        # A new version while the autoscaler holds 4 replicas; the manifest has no spec.replicas, so
+        # applying it leaves the autoscaler's number alone.
+        manifest["spec"]["model"]["version"] = 2
+        testbed.apply(manifest)
+        half = poll("the canary to hold 2 of the 4 replicas and 50 % of the traffic", watch(
+            lambda s: (s.track("stable"), s.track("canary"), s.ready_pods) == (2, 2, 4)
+            and (s.llmservice["status"].get("canary") or {}).get("weight") == 50), 120, explain=explain)
+    assert half.replicas == 4
+    assert load.stats.failures == 0, load.stats
+
+    low = poll("both tracks to shrink with the load: 1 replica split 1 + 1", watch(
+        lambda s: s.replicas == 1 and (s.track("stable"), s.track("canary")) == (1, 1) and s.pods == 2), 300,
+        explain=explain)
+    assert low.llmservice["status"]["rollout"]["phase"] == "Progressing"
+    too_many = [state for state in seen if state[1] + state[2] > max_replicas + max_surge]
+    assert not too_many, f"(replicas, stable, canary) above maxReplicas + maxSurge: {too_many}"
