@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "llmserve.testbed.cli",
     "llmserve.controller.cli",
     "llmserve.controller.rollout_cli",
+    "llmserve.controller.autoscaling_cli",
     "llmserve.artifacts.cli",
     "llmserve.predictors.cli",
     "llmserve.quickstart",

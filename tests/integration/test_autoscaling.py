@@ -147,6 +147,21 @@ def test_scale_to_zero_without_the_feature_gate_and_removing_autoscaling(testbed
     assert "autoscaling" not in gone.llmservice["status"]
 
 
+def test_keda_without_a_prometheus_address_is_reported(testbed, operator, namespace):
+    """The session's operator runs without --prometheus-url: a KEDA trigger cannot be built."""
+    manifest = llmservice("kedaless", namespace, "/models", min_replicas=1, max_replicas=2)
+    manifest["spec"]["autoscaling"]["engine"] = "keda"
+    testbed.apply(manifest)
+
+    def reported():
+        status = snapshot(testbed, namespace, "kedaless").llmservice.get("status") or {}
+        degraded = next((c for c in status.get("conditions", []) if c["type"] == "Degraded"), {})
+        return degraded if degraded.get("reason") == "AutoscalerUnavailable" else None
+
+    degraded = poll("the missing Prometheus address to be reported", reported, 60)
+    assert "prometheus.url" in degraded["message"]
+
+
 @pytest.mark.triton
 @pytest.mark.prometheus
 def test_the_autoscaler_and_a_canary_do_not_fight(

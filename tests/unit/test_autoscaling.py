@@ -220,3 +220,12 @@ def test_rejected_scale_to_zero_names_the_feature_gate_and_keda():
     assert "HPAScaleToZero" in message and "engine keda" in message
     assert "install KEDA" in a.rejection(make({"engine": "keda", "maxReplicas": 2}),
                                          "the server could not find the requested resource")
+
+
+def test_cli_writes_the_adapter_config(tmp_path, capsys):
+    from llmserve.cli import main
+
+    assert main(["autoscaling", "adapter-config", "-o", str(tmp_path / "config.yaml")]) == 0
+    assert (tmp_path / "config.yaml").read_text() == render()
+    assert main(["autoscaling", "adapter-config"]) == 0
+    assert capsys.readouterr().out == render()
