@@ -68,21 +68,15 @@ class OpenAIEndpoints:
         body = parse_request(CompletionRequest, await request.body())
         check_not_empty(body.prompt, "prompt")
         model = self._model(body.model)
-        budget = await model.token_budget()
-        fields = _sampling(body, requested_max_tokens(body, COMPLETIONS_DEFAULT_MAX_TOKENS, budget))
-        fields["text_input"] = body.prompt[0]
-        return await self._generate(request, model, body.stream, body.include_usage, fields,
-                                    CompletionFormat(model.name), "completions")
+        return await self._generate(request, model, body, {"text_input": body.prompt[0]},
+                                    COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionFormat(model.name), "completions")
 
     async def chat_completions(self, request: Request) -> Response:
         body = parse_request(ChatCompletionRequest, await request.body())
         messages = chat_messages(body)
         model = self._model(body.model)
-        budget = await model.token_budget()
-        fields = _sampling(body, requested_max_tokens(body, budget, budget))
-        fields["messages"] = to_json(messages)
-        return await self._generate(request, model, body.stream, body.include_usage, fields,
-                                    ChatFormat(model.name), "chat.completions")
+        return await self._generate(request, model, body, {"messages": to_json(messages)},
+                                    None, ChatFormat(model.name), "chat.completions")
 
     async def embeddings(self, request: Request) -> Response:
         body = parse_request(EmbeddingRequest, await request.body())
@@ -98,15 +92,22 @@ class OpenAIEndpoints:
         record.finish(200, result.usage)
         return _json(embedding_response(model.name, result.vectors, result.usage, body.encoding_format))
 
-    async def _generate(self, request: Request, model: TritonModel, stream: bool, include_usage: bool,
-                        fields: dict[str, Any], fmt: CompletionFormat, endpoint: str) -> Response:
+    async def _generate(self, request: Request, model: TritonModel, body: CompletionRequest | ChatCompletionRequest,
+                        prompt: dict[str, Any], default_max_tokens: int | None, fmt: CompletionFormat,
+                        endpoint: str) -> Response:
+        """Generate for a validated request; ``prompt`` is the model input holding the prompt, and
+        ``default_max_tokens`` the budget when the request names none (None: the whole budget)."""
         record = RequestRecord(model.name, endpoint)
         try:
+            budget = await model.token_budget()
+            max_tokens = requested_max_tokens(body, default_max_tokens or budget, budget)
+            fields = {**prompt, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                      "seed": body.seed, "stop": body.stop}
             slot = model.admission.acquire()
-        except APIError as exc:
+        except BaseException as exc:
             record.fail(exc)
             raise
-        if not stream:
+        if not body.stream:
             try:
                 with slot:
                     result = await _unless_disconnected(request, model.generate(fields, fmt.id))
@@ -125,7 +126,7 @@ class OpenAIEndpoints:
             record.fail(exc)
             raise
         record.first_token()
-        return StreamingResponse(_events(first, chunks, fmt, include_usage, slot, record),
+        return StreamingResponse(_events(first, chunks, fmt, body.include_usage, slot, record),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -193,12 +194,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:
-    """The generate model's sampling inputs; ``None`` (not given) is left to the model."""
-    return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
-            "stop": body.stop}
 
 
 def _json(body: Any, status: int = 200) -> Response:

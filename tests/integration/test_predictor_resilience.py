@@ -135,6 +135,8 @@ def test_no_triton_means_not_ready_and_503_at_once(predictor):
         assert unavailable.value.status_code == 503
         assert unavailable.value.body["type"] == "server_error"
         assert "cannot serve model 'echo'" in unavailable.value.body["message"]
+    for endpoint in ("completions", "chat.completions", "embeddings"):
+        assert metric(server, "llmserve_predictor_requests_total", endpoint=endpoint, code="503") == 1
 
 
 def test_readiness_and_requests_follow_triton_going_away(triton_server, predictor, echo_repository):
