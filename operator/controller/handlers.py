@@ -43,29 +43,42 @@ def watch_settings(settings: kopf.OperatorSettings) -> None:
         prefix="llmserve.io", key="last-handled-configuration")
 
 
+# Annotations of no use to a reconcile that can be as large as the object itself.
+_BULKY_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+def stored(body: kopf.Body) -> dict:
+    """What the indexes keep of an object: all but managedFields and bulky annotations (half the
+    memory of a fleet's worth of objects)."""
+    meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+    if any(a in (meta.get("annotations") or {}) for a in _BULKY_ANNOTATIONS):
+        meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k not in _BULKY_ANNOTATIONS}
+    return {**dict(body), "metadata": meta}
+
+
 @kopf.index(GROUP, VERSION, PLURAL, registry=registry)
 def llmservices(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, name): dict(body)}
+    return {(namespace, name): stored(body)}
 
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD, registry=registry)
 def deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[LABEL_SERVICE]): dict(body)}
+    return {(namespace, labels[LABEL_SERVICE]): stored(body)}
 
 
 @kopf.index("v1", "services", labels=CHILD, registry=registry)
 def services(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[LABEL_SERVICE]): dict(body)}
+    return {(namespace, labels[LABEL_SERVICE]): stored(body)}
 
 
 @kopf.index("policy", "v1", "poddisruptionbudgets", labels=CHILD, registry=registry)
 def disruption_budgets(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[LABEL_SERVICE]): dict(body)}
+    return {(namespace, labels[LABEL_SERVICE]): stored(body)}
 
 
 @kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD, registry=registry)
 def autoscalers(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[LABEL_SERVICE]): dict(body)}
+    return {(namespace, labels[LABEL_SERVICE]): stored(body)}
 
 
 @kopf.index("v1", "pods", labels=CHILD, registry=registry)
