@@ -22,9 +22,10 @@ HEADER = """\
 def render() -> str:
     import yaml
 
-    from .autoscaling import adapter_config
+    from .autoscaling import METRICS, adapter_config
 
-    return HEADER + yaml.safe_dump(adapter_config(), sort_keys=False, width=1000)
+    legend = "".join(f"#   {m.name} (spec.autoscaling.metric {m.key}): {m.meaning}\n" for m in METRICS.values())
+    return HEADER + "# Metrics:\n" + legend + yaml.safe_dump(adapter_config(), sort_keys=False, width=1000)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
