@@ -205,4 +205,7 @@ def cached_build(source: Path, name: str, kind: str, variant: str) -> BuiltModel
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for stale in final.parent.glob(f"{name}-{variant}-*"):  # builds by older code or sources
+        if stale != final:
+            shutil.rmtree(stale, ignore_errors=True)
     return built

@@ -142,7 +142,7 @@ def test_a_flipped_byte_is_refused_by_verify_and_pull(tiny_lm_artifact, artifact
     assert not (dest / built.name).exists()
 
 
-def test_build_errors_are_clear(tmp_path, tiny_lm_source):
+def test_build_errors_are_clear(tmp_path, tiny_lm_source, minilm_source):
     llmserve = str(Path(sys.executable).parent / "llmserve")
 
     def run(*args):
@@ -153,11 +153,15 @@ def test_build_errors_are_clear(tmp_path, tiny_lm_source):
     (tmp_path / "empty").mkdir()
     empty = run(tmp_path / "empty", "--repo", tmp_path / "repo")
     assert "not a Hugging Face model directory" in empty.stderr
-    wrong_kind = run(shutil.copytree(tiny_lm_source, tmp_path / "lm"), "--repo",
-                     tmp_path / "repo", "--kind", "embedding", "--variant", "int8",
-                     "--min-cosine", "1.01")
-    assert wrong_kind.returncode == 1 and "Traceback" not in wrong_kind.stderr
+    not_causal = run(minilm_source, "--repo", tmp_path / "repo", "--kind", "generate")
+    assert not_causal.returncode == 1 and "is not a causal LM" in not_causal.stderr
+    # An unreachable threshold: the gate refuses and nothing is published.
+    refused = run(shutil.copytree(tiny_lm_source, tmp_path / "lm"), "--repo", tmp_path / "repo",
+                  "--min-agreement", "1.01")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "accuracy gate failed" in refused.stderr and "nothing was published" in refused.stderr
     assert not list((tmp_path / "repo").glob("*/[0-9]*"))
+    assert not list((tmp_path / "repo").glob("*/.staging-*"))
 
 
 @pytest.mark.slow
