@@ -92,7 +92,6 @@ class TrackRouter:
         self._stop = threading.Event()
         self._credit = 0
         self._status: dict = {}
-        self._spec: dict = {}
         self._threads: list[threading.Thread] = []
         self._watch: subprocess.Popen | None = None
 
@@ -133,7 +132,7 @@ class TrackRouter:
             self.violations.append(f"{where}: {stable.get('replicas')} + {canary.get('replicas')} pods exceed "
                                    f"{replicas} + maxSurge {self.max_surge}")
         with self._lock:
-            self._status, self._spec = status, spec
+            self._status = status
             self.timeline.append(Observation(time.monotonic(), status))
 
     def latest(self) -> dict:
