@@ -9,6 +9,7 @@ see a real server version.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -62,8 +63,17 @@ class GoComponent:
     def path(self, binary: str) -> Path:
         return self.bin_dir / binary
 
+    @property
+    def build_key(self) -> str:
+        """What determines the binaries' bytes besides the module version: a cached build made
+        with other flags or commands is rebuilt."""
+        recipe = json.dumps([self.module, self.commands, self.ldflags, self.sibling_version], sort_keys=True)
+        return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
     def is_built(self) -> bool:
-        return all(self.path(b).is_file() for b in self.commands)
+        key = self.bin_dir / ".build-key"
+        return (key.is_file() and key.read_text() == self.build_key
+                and all(self.path(b).is_file() for b in self.commands))
 
 
 KUBERNETES = GoComponent(
@@ -97,7 +107,11 @@ HELM = GoComponent(
     module="helm.sh/helm/v3",
     version=HELM_VERSION,
     commands={"helm": "helm.sh/helm/v3/cmd/helm"},
-    ldflags=f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",
+    # Helm's Makefile also stamps the Kubernetes version it assumes offline (`helm template`,
+    # `helm lint`): that of its client-go, v0.33 -> 1.33. Unstamped it would assume v1.20.
+    ldflags=" ".join([f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"] + [
+        f"-X helm.sh/helm/v3/pkg/{pkg}.k8sVersion{part}={value}"
+        for pkg in ("lint/rules", "chartutil") for part, value in (("Major", "1"), ("Minor", "33"))]),
 )
 
 # Serves Prometheus queries as the custom metrics API for the HPA (docs/autoscaling.md). Not in
@@ -213,6 +227,7 @@ def build(component: GoComponent) -> None:
             built.rename(out / binary)
     component.bin_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(component.bin_dir, ignore_errors=True)
+    (out / ".build-key").write_text(component.build_key)
     out.rename(component.bin_dir)  # atomic: a half-built cache is never mistaken for a good one
     _log(f"built {component.name} {component.version} into {component.bin_dir}")
 

@@ -141,6 +141,8 @@ def test_helm_install_and_uninstall_a_chart(testbed, namespace, tmp_path):
     (chart / "templates" / "configmap.yaml").write_text(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-greeting\n"
         "data:\n  greeting: {{ .Values.greeting | quote }}\n")
+    # Offline rendering assumes the stamped Kubernetes version, so kubeVersion constraints hold.
+    assert "hello-greeting" in testbed.helm("template", "hello", str(chart)).stdout
     testbed.helm("install", "demo", str(chart), "-n", namespace, "--set", "greeting=hello", "--wait")
     cm = get_json(testbed, "configmap", "demo-greeting", "-n", namespace)
     assert cm["data"]["greeting"] == "hello"
