@@ -31,9 +31,10 @@ from llmserve.testbed.load import InferenceLoad
 from llmserve.testbed.metrics_adapter import MetricsAdapter
 from llmserve.testbed.prometheus import Prometheus
 from llmserve.testbed.scaling import (
-    MODEL, MODEL_INPUTS, chart_adapter_config, first_pod, llmservice, poll, snapshot, triton_target,
+    MODEL, MODEL_INPUTS, chart_adapter_config, first_pod, llmservice, snapshot, triton_target,
 )
 from llmserve.testbed.triton import TritonServer
+from llmserve.testbed.waiting import poll
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = ROOT / "tests" / "data" / "model_repo"

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import yaml
 
@@ -28,7 +25,6 @@ from .toolchain import KUBERNETES_VERSION
 
 MODEL = "fixed_latency"  # tests/data/model_repo/fixed_latency: constant service time per request
 MODEL_INPUTS = [{"name": "INPUT0", "shape": [4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]
-T = TypeVar("T")
 
 
 def chart_adapter_config(bed: TestBed) -> str:
@@ -73,21 +69,6 @@ def triton_target(metrics_target: str, namespace: str, pod: dict) -> dict:
     `labelmap` (docs/autoscaling.md#prometheus)."""
     labels = {**metric_labels(pod["metadata"]["labels"]), "namespace": namespace, "pod": pod["metadata"]["name"]}
     return {"target": metrics_target, "labels": labels}
-
-
-def poll(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.5,
-         explain: Callable[[], str] | None = None) -> T:
-    """Call `probe` until it returns something truthy; TimeoutError naming `what` otherwise, with
-    `explain()` (the state that did not change) appended."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"
-                               + (f"\n{explain()}" if explain else ""))
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)

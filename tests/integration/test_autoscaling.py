@@ -13,8 +13,9 @@ import pytest
 from llmserve.controller.units import parse_quantity
 from llmserve.testbed.load import InferenceLoad
 from llmserve.testbed.scaling import (
-    MODEL, MODEL_INPUTS, first_pod, llmservice, poll, snapshot, triton_target,
+    MODEL, MODEL_INPUTS, first_pod, llmservice, snapshot, triton_target,
 )
+from llmserve.testbed.waiting import poll
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

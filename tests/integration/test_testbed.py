@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,19 +13,9 @@ import yaml
 
 from llmserve.testbed import toolchain
 from llmserve.testbed.cluster import TestBed, TestBedError
+from llmserve.testbed.waiting import poll
 
 pytestmark = pytest.mark.cluster
-
-
-def wait_for(predicate, timeout=60, interval=0.5, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def get_json(bed, *args):
@@ -84,7 +73,7 @@ def test_pod_needing_more_gpus_than_any_node_stays_pending(testbed, namespace):
                           "--field-selector", "reason=FailedScheduling")["items"]
         return [e for e in events if "nvidia.com/gpu" in e["message"]]
 
-    events = wait_for(failed_scheduling, what="a FailedScheduling event")
+    events = poll("a FailedScheduling event", failed_scheduling, 60)
     assert "Insufficient nvidia.com/gpu" in events[0]["message"]
     pods = get_json(testbed, "pods", "-n", namespace, "-l", "app=gpu-too-big")["items"]
     assert [p["status"]["phase"] for p in pods] == ["Pending"]
@@ -97,9 +86,8 @@ def test_garbage_collector_removes_dependents_of_a_deleted_owner(testbed, namesp
         "name": "dependent", "namespace": namespace,
         "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}]}})
     testbed.kubectl("delete", "configmap", "owner", "-n", namespace)
-    wait_for(lambda: testbed.kubectl("get", "configmap", "dependent", "-n", namespace,
-                                     check=False).returncode != 0,
-             what="the garbage collector to delete the dependent")
+    poll("the garbage collector to delete the dependent",
+         lambda: testbed.kubectl("get", "configmap", "dependent", "-n", namespace, check=False).returncode, 60)
 
 
 def test_token_request_token_authenticates_with_exactly_its_rbac(testbed, namespace):
