@@ -220,7 +220,7 @@ class Triton:
             try:
                 config = await self.client.get_model_config(model, as_json=True, client_timeout=self.health_timeout)
             except (InferenceServerException, grpc.RpcError) as exc:
-                raise self._error(exc, model) from None
+                raise self._error(exc, model, self.health_timeout) from None
             found = self._interfaces[model] = ModelInterface.from_config(config["config"])
         return found
 
@@ -246,7 +246,7 @@ class Triton:
             return await self.client.infer(model, inputs, outputs=requested, request_id=request_id,
                                            client_timeout=self.request_timeout)
         except (InferenceServerException, grpc.RpcError) as exc:
-            raise self._error(exc, model) from None
+            raise self._error(exc, model, self.request_timeout) from None
 
     async def stream(
         self,
@@ -277,11 +277,11 @@ class Triton:
                     raise APIError(400, error.message())
                 yield result
         except (InferenceServerException, grpc.RpcError) as exc:
-            raise self._error(exc, model) from None
+            raise self._error(exc, model, self.request_timeout) from None
         finally:
             call.cancel()  # a no-op once the stream has ended
 
-    def _error(self, exc: InferenceServerException | grpc.RpcError, model: str) -> APIError:
+    def _error(self, exc: InferenceServerException | grpc.RpcError, model: str, deadline: float) -> APIError:
         if isinstance(exc, grpc.RpcError):
             status, message = str(exc.code()), exc.details() or str(exc)
         else:
@@ -291,7 +291,7 @@ class Triton:
             return APIError(503, f"Triton at {self.url} cannot serve model {model!r} now: {message}",
                             code="model_not_ready", headers={"Retry-After": "1"})
         if status.endswith("DEADLINE_EXCEEDED"):
-            return APIError(504, f"Triton did not answer within {self.request_timeout:g}s", code="timeout")
+            return APIError(504, f"Triton at {self.url} did not answer within {deadline:g}s", code="timeout")
         if status.endswith("INVALID_ARGUMENT"):
             return APIError(400, message)
         if status.endswith("CANCELLED"):

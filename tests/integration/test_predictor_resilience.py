@@ -139,6 +139,20 @@ def test_no_triton_means_not_ready_and_503_at_once(predictor):
         assert metric(server, "llmserve_predictor_requests_total", endpoint=endpoint, code="503") == 1
 
 
+def test_a_wedged_triton_is_an_error_not_a_hang(predictor):
+    """A listener that accepts connections and never speaks gRPC: calls end at their deadline or
+    when gRPC gives up on the connection, whichever comes first, and the client gets a 5xx."""
+    with socket.socket() as wedged:
+        wedged.bind(("127.0.0.1", 0))
+        wedged.listen(8)  # the kernel completes TCP handshakes; nothing ever answers
+        server = predictor(f"127.0.0.1:{wedged.getsockname()[1]}", "echo", wait_ready=False, request_timeout=3)
+        assert status(f"{server.url}/v2/health/ready") == 503
+        with pytest.raises(openai.InternalServerError) as failed:
+            client(server).completions.create(model="echo", prompt="hi")
+        assert failed.value.status_code == 503
+        assert "cannot serve model 'echo'" in failed.value.body["message"]
+
+
 def test_readiness_and_requests_follow_triton_going_away(triton_server, predictor, echo_repository):
     triton = triton_server(echo_repository(delay_ms=SLOW_MS), {"echo": 1})
     server = predictor(triton.grpc_url, "echo")
