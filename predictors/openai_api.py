@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from kserve.model_repository import ModelRepository
+from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from .metrics import RequestRecord, Slot
+from .metrics import RequestRecord
 from .model import Chunk, TritonModel
 from .protocol import (
     SSE_DONE, APIError, ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, EmbeddingRequest,
@@ -126,12 +127,21 @@ class OpenAIEndpoints:
             record.fail(exc)
             raise
         record.first_token()
-        return StreamingResponse(_events(first, chunks, fmt, body.include_usage, slot, record),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        async def close() -> None:
+            """Idempotent end of the stream: also run as the response's background task, because
+            a client that leaves before the body starts means ``_events`` never runs."""
+            record.finish(499)  # a no-op once the stream recorded its own outcome
+            slot.release()
+            await chunks.aclose()
+
+        return StreamingResponse(_events(first, chunks, fmt, body.include_usage, record, close),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(close))
 
 
 async def _events(first: Chunk, chunks: AsyncIterator[Chunk], fmt: CompletionFormat, include_usage: bool,
-                  slot: Slot, record: RequestRecord) -> AsyncIterator[bytes]:
+                  record: RequestRecord, close: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
     """The SSE body of a stream whose first chunk has arrived.
 
     When the client disconnects, Starlette cancels this generator at its current ``await``: the
@@ -166,8 +176,7 @@ async def _events(first: Chunk, chunks: AsyncIterator[Chunk], fmt: CompletionFor
     finally:
         # Still unrecorded here: the client went away (cancellation or generator close).
         record.finish(499, usage)
-        slot.release()
-        await chunks.aclose()
+        await close()
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -196,5 +205,5 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(to_json(body), status_code=status, media_type="application/json")
+def _json(body: Any) -> Response:
+    return Response(to_json(body), media_type="application/json")
