@@ -30,7 +30,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="Triton's gRPC endpoint (in a pod: localhost:8001)")
     parser.add_argument("--model", required=True, metavar="NAME",
                         help="the Triton model to serve; also its model id in the OpenAI API")
-    parser.add_argument("--http-port", type=_port, default=DEFAULT_HTTP_PORT,
+    parser.add_argument("--http-port", type=_port, default=DEFAULT_HTTP_PORT, metavar="PORT",
                         help=f"HTTP port, on all interfaces (default {DEFAULT_HTTP_PORT})")
     parser.add_argument("--max-concurrency", type=_positive_int, default=DEFAULT_MAX_CONCURRENCY, metavar="N",
                         help="requests served at once; more are refused with 429 "
