@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.protocol.dataplane import DataPlane
+
 from .metrics import Admission, RequestRecord
 from .protocol import APIError, Usage
 from .triton import ModelInterface, Triton, grpcclient
@@ -82,8 +83,8 @@ class TritonModel(Model):
                     infer_input = grpcclient.InferInput(tensor.name, list(tensor.shape), tensor.datatype)
                     infer_input.set_data_from_numpy(tensor.as_numpy())
                     inputs.append(infer_input)
-                outputs = [o.name for o in payload.request_outputs or []]
-                result = await self.triton.infer(self.name, inputs, outputs=outputs, request_id=payload.id or "")
+                requested = [o.name for o in payload.request_outputs or []]
+                result = await self.triton.infer(self.name, inputs, outputs=requested, request_id=payload.id or "")
         except BaseException as exc:
             record.fail(exc)
             raise

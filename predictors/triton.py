@@ -188,11 +188,6 @@ class Triton:
             self._client = grpcaio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         return self._client
 
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
     async def ready(self, model: str, *, fresh: bool = False) -> bool:
         """Whether Triton has ``model`` loaded and ready. Never raises.
 
