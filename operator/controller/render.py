@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..predictors.cli import predictor_command
 from ..tritoncmd import GRPC_PORT, HTTP_PORT, METRICS_PORT, tritonserver_command
 from .spec import (
     API_VERSION, CANARY, KIND, LABEL_REVISION, LABEL_SERVICE, LABEL_TRACK, PROGRESS_MARGIN, STABLE, Spec,
@@ -136,8 +137,7 @@ def predictor_container(spec: Spec, images: Images) -> dict:
     return {
         "name": "predictor",
         "image": spec.predictor_image or images.predictor,
-        "command": ["llmserve", "predictor", "--triton-grpc", f"localhost:{GRPC_PORT}",
-                    "--http-port", str(PREDICTOR_PORT), "--model", spec.model],
+        "command": predictor_command(f"localhost:{GRPC_PORT}", spec.model, http_port=PREDICTOR_PORT),
         "ports": [{"name": "http", "containerPort": PREDICTOR_PORT, "protocol": "TCP"}],
         "readinessProbe": _http_probe("/v2/health/ready", "http", 5, 3, timeout=3),
         "livenessProbe": _http_probe("/v2/health/live", "http", 10, 6),
