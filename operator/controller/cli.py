@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from importlib.metadata import version
 
-from .. import __version__
-
-DEFAULT_PULLER_IMAGE = f"llmserve/llmserve:{__version__}"
-DEFAULT_PREDICTOR_IMAGE = f"llmserve/predictor:{__version__}"
+DEFAULT_PULLER_IMAGE = f"llmserve/llmserve:{version('llmserve')}"
+DEFAULT_PREDICTOR_IMAGE = f"llmserve/predictor:{version('llmserve')}"
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
