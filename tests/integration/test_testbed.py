@@ -186,3 +186,24 @@ def test_cli_reports_a_missing_test_bed_without_a_traceback():
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "is not up" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tainted_gpu_nodes_take_only_pods_that_tolerate_the_taint(testbed, namespace):
+    taint = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    [node] = testbed.add_nodes(1, gpus=4, prefix=f"tainted-{namespace}"[:40], taints=[taint])
+    try:
+        testbed.wait_nodes_ready()
+        for name, tolerations in (("intolerant", []), ("tolerant", [{"key": "nvidia.com/gpu",
+                                                                     "operator": "Exists"}])):
+            deployment = gpu_deployment(name, namespace, gpus=1)
+            deployment["spec"]["template"]["spec"].update(
+                nodeSelector={"kubernetes.io/hostname": node}, tolerations=tolerations)
+            testbed.apply(deployment)
+        testbed.kubectl("rollout", "status", "deployment/tolerant", "-n", namespace, "--timeout=60s")
+        events = poll("the intolerant pod to be refused", lambda: [
+            e for e in get_json(testbed, "events", "-n", namespace,
+                                "--field-selector", "reason=FailedScheduling")["items"]
+            if "untolerated taint" in e["message"]], 60)
+        assert "nvidia.com/gpu: present" in events[0]["message"]
+    finally:
+        testbed.kubectl("delete", "node", node, "--wait=false")
