@@ -52,6 +52,15 @@ class OpenAIEndpoints:
         router.add_api_route("/models/{model_id}", self.model, methods=["GET"])
         return router
 
+    def lean_routes(self) -> dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]:
+        """The routes of ``router()`` without a path parameter, by (method, path), for
+        ``llmserve.predictors.server.LeanV1``."""
+        async def models(_: Request) -> Response:
+            return await self.models()
+
+        return {("POST", "/v1/completions"): self.completions, ("POST", "/v1/chat/completions"): self.chat_completions,
+                ("POST", "/v1/embeddings"): self.embeddings, ("GET", "/v1/models"): models}
+
     def _model(self, name: str) -> TritonModel:
         model = self.registry.get_model(name)
         if not isinstance(model, TritonModel):
