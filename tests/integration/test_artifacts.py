@@ -55,6 +55,36 @@ def test_generate_matches_pytorch_through_triton(tiny_lm_artifact, triton_server
     assert all(a.finish_reason == "length" and a.completion_tokens == 24 for a in answers)
 
 
+def test_requests_joining_a_running_batch_get_the_same_tokens(tiny_lm_artifact):
+    """Continuous batching: a sequence admitted mid-generation (its cache left-padded to the
+    running batch's, or the other way round) decodes exactly as it would alone."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shipped_generate", tiny_lm_artifact.path / "model.py")
+    shipped = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shipped)
+    lm = shipped.CausalLM(tiny_lm_artifact.path)
+
+    def seqs():
+        return [shipped.Sequence(prompt_ids=lm.encode(p), max_tokens=n)
+                for p, n in (("Beautiful is", 30), ("If the implementation is hard to explain,", 12),
+                             ("Now", 20))]
+
+    alone = []
+    for seq in seqs():
+        lm.generate([seq])
+        alone.append(seq.output_ids)
+    joined = seqs()
+    batch = shipped.Batch(lm)
+    batch.admit(joined[:1], lambda seq: None)
+    for _ in range(5):
+        batch.step(lambda seq: None)
+    batch.admit(joined[1:], lambda seq: None)  # a longer prompt joins a shorter running row
+    while batch.seqs:
+        batch.step(lambda seq: None)
+    assert [s.output_ids for s in joined] == alone
+
+
 def test_generate_sampling_stop_streaming_and_errors(tiny_lm_artifact, triton_server, tmp_path):
     server = triton_server(_pulled(tiny_lm_artifact, tmp_path), {"tiny-lm": 1})
     url = server.grpc_url

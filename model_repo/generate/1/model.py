@@ -14,12 +14,15 @@ Requests (one row each; all inputs but one of text_input/messages are optional):
 Responses: text_output (the whole text, or the new chunk when streaming), finish_reason
 ("stop" | "length" | "" while streaming), prompt_tokens, completion_tokens.
 
-The model is decoupled: each execute() gets the dynamic batcher's batch of requests, prefills them
-together (left-padded, explicit position ids), decodes them in lock step, answers each request the
-moment it finishes and drops it from the batch.
+The model is decoupled and batches continuously: execute() validates and queues requests; one
+generation thread decodes all running requests in lock step and, between two steps, prefills the
+newly arrived ones together (left-padded, explicit position ids) and joins them to the batch. Each
+request is answered the moment it finishes and leaves the batch.
 """
 
 import json
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -85,10 +88,14 @@ class CausalLM:
 
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
-        prompt = env.from_string(template).render(
-            messages=messages, add_generation_prompt=True,
-            bos_token=self.meta.get("bos_token") or "", eos_token=self.meta.get("eos_token") or "",
-        )
+        try:
+            prompt = env.from_string(template).render(
+                messages=messages, add_generation_prompt=True,
+                bos_token=self.meta.get("bos_token") or "",
+                eos_token=self.meta.get("eos_token") or "",
+            )
+        except (jinja2.TemplateError, TypeError, KeyError) as exc:
+            raise ValueError(f"messages do not fit the chat template: {exc}") from None
         return self.tokenizer.encode(prompt, add_special_tokens=False).ids
 
     def decode(self, ids):
@@ -131,37 +138,11 @@ class CausalLM:
         seq.max_tokens = min(seq.max_tokens, room)
 
     def generate(self, seqs, on_update=lambda seq: None):
-        """Generate for all `seqs` together. `on_update(seq)` runs after every token of a
-        sequence and once when it finishes (then `seq.finish_reason` is set)."""
-        batch = list(seqs)
-        width = max(len(s.prompt_ids) for s in batch)
-        input_ids = np.zeros((len(batch), width), np.int64)
-        mask = np.zeros((len(batch), width), np.int64)
-        for row, seq in enumerate(batch):
-            input_ids[row, width - len(seq.prompt_ids):] = seq.prompt_ids
-            mask[row, width - len(seq.prompt_ids):] = 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        past = self.empty_past(len(batch))
-        index = np.full((len(batch), 1), width - 1, np.int64)
-        while batch:
-            logits, past = self.forward(input_ids, mask, positions, past, index)
-            keep = []
-            for row, seq in enumerate(batch):
-                if seq.cancelled():
-                    seq.finish_reason = "cancelled"
-                else:
-                    self._advance(seq, _choose(logits[row, -1], seq))
-                on_update(seq)
-                if seq.finish_reason is None:
-                    keep.append(row)
-            if len(keep) < len(batch):
-                batch = [batch[r] for r in keep]
-                mask, positions = mask[keep], positions[keep]
-                past = [p[keep] for p in past]
-            input_ids = np.array([[s.output_ids[-1]] for s in batch], np.int64)
-            mask = np.concatenate([mask, np.ones((len(batch), 1), np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
-            index = np.zeros((len(batch), 1), np.int64)
+        """Generate for all `seqs` together (what the accuracy gate runs)."""
+        batch = Batch(self)
+        batch.admit(list(seqs), on_update)
+        while batch.seqs:
+            batch.step(on_update)
 
     def _advance(self, seq, token):
         if token in self.eos:
@@ -188,6 +169,90 @@ class CausalLM:
         return end - hold
 
 
+class Batch:
+    """Sequences decoding in lock step, with their KV cache left-padded to a common length.
+
+    New sequences can join between any two steps (continuous batching): they are prefilled
+    together, then their cache is left-padded or the running one is, and the rows are stacked.
+    Finished rows leave at once, and cache columns no row attends to any more are dropped.
+    `on_update(seq)` runs after each token of a sequence and once when it finishes (then
+    `seq.finish_reason` is set).
+    """
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.seqs = []
+        self.past = self.mask = self.positions = None
+
+    def admit(self, seqs, on_update):
+        """Prefill `seqs`, choose their first token and add those still running."""
+        if not seqs:
+            return
+        width = max(len(s.prompt_ids) for s in seqs)
+        input_ids = np.zeros((len(seqs), width), np.int64)
+        mask = np.zeros((len(seqs), width), np.int64)
+        for row, seq in enumerate(seqs):
+            input_ids[row, width - len(seq.prompt_ids):] = seq.prompt_ids
+            mask[row, width - len(seq.prompt_ids):] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        logits, past = self.lm.forward(input_ids, mask, positions, self.lm.empty_past(len(seqs)),
+                                       np.full((len(seqs), 1), width - 1, np.int64))
+        keep = self._choose_all(seqs, logits, on_update)
+        if not keep:
+            return
+        seqs, mask, positions = [seqs[r] for r in keep], mask[keep], positions[keep, -1:]
+        past = [p[keep] for p in past]
+        if not self.seqs:
+            self.seqs, self.past, self.mask, self.positions = seqs, past, mask, positions
+            return
+        total = max(self.mask.shape[1], mask.shape[1])
+        self.past = [np.concatenate([_pad_left(a, total, 2), _pad_left(b, total, 2)])
+                     for a, b in zip(self.past, past)]
+        self.mask = np.concatenate([_pad_left(self.mask, total, 1), _pad_left(mask, total, 1)])
+        self.positions = np.concatenate([self.positions, positions])
+        self.seqs = self.seqs + seqs
+
+    def step(self, on_update):
+        """One decode step for every running sequence."""
+        if not self.seqs:
+            return
+        input_ids = np.array([[s.output_ids[-1]] for s in self.seqs], np.int64)
+        self.mask = np.concatenate([self.mask, np.ones((len(self.seqs), 1), np.int64)], axis=1)
+        self.positions = self.positions + 1
+        logits, self.past = self.lm.forward(input_ids, self.mask, self.positions, self.past,
+                                            np.zeros((len(self.seqs), 1), np.int64))
+        keep = self._choose_all(self.seqs, logits, on_update)
+        if len(keep) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[r] for r in keep]
+        if not self.seqs:
+            self.past = self.mask = self.positions = None
+            return
+        self.mask, self.positions = self.mask[keep], self.positions[keep]
+        first = int(np.argmax(self.mask.any(axis=0)))  # leading columns all rows ignore
+        self.mask = self.mask[:, first:]
+        self.past = [p[keep][:, :, first:] for p in self.past]
+
+    def _choose_all(self, seqs, logits, on_update):
+        """Advance every sequence by its chosen token; the rows still running."""
+        keep = []
+        for row, seq in enumerate(seqs):
+            if seq.cancelled():
+                seq.finish_reason = "cancelled"
+            else:
+                self.lm._advance(seq, _choose(logits[row, -1], seq))
+            on_update(seq)
+            if seq.finish_reason is None:
+                keep.append(row)
+        return keep
+
+
+def _pad_left(array, length, axis):
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (length - array.shape[axis], 0)
+    return np.pad(array, pad)
+
+
 def _choose(logits, seq):
     if seq.temperature == 0:
         return int(np.argmax(logits))
@@ -207,12 +272,20 @@ def _raise(message):
 
 
 class TritonPythonModel:
+    """execute() only validates and queues; one generation thread runs the continuous batch,
+    admitting queued requests between decode steps and answering each as it finishes."""
+
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.lm = CausalLM(version_dir)
+        config = json.loads(args["model_config"])
+        self.max_running = max(1, int(config.get("max_batch_size", 0)) or 1)
+        self.pending = queue.Queue()
+        self.clients = {}  # id(seq) -> (stream, sender), while generating
+        self.worker = threading.Thread(target=self._loop, name="generate", daemon=True)
+        self.worker.start()
 
     def execute(self, requests):
-        work = []
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -222,31 +295,46 @@ class TritonPythonModel:
                 _send_error(sender, str(exc))
                 continue
             seq.cancelled = request.is_cancelled
-            work.append((seq, stream, sender))
-        if not work:
-            return None
-        by_id = {id(seq): (stream, sender) for seq, stream, sender in work}
-
-        def on_update(seq):
-            stream, sender = by_id[id(seq)]
-            if seq.finish_reason == "cancelled":
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                return
-            if stream:
-                upto = self.lm.streamable(seq)
-                chunk, seq.sent = seq.text[seq.sent:upto], max(seq.sent, upto)
-                if chunk or seq.finish_reason:
-                    _send(sender, seq, chunk)
-            elif seq.finish_reason:
-                _send(sender, seq, seq.text)
-
-        try:
-            self.lm.generate([seq for seq, _, _ in work], on_update)
-        except Exception as exc:  # an ORT failure must still end every open request
-            for seq, _, sender in work:
-                if seq.finish_reason is None:
-                    _send_error(sender, f"generation failed: {exc}")
+            self.pending.put((seq, stream, sender))
         return None
+
+    def _loop(self):
+        batch = Batch(self.lm)
+        while True:
+            arrivals = []
+            if not batch.seqs:
+                arrivals.append(self.pending.get())  # idle: wait for work
+            while len(batch.seqs) + len(arrivals) < self.max_running:
+                try:
+                    arrivals.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            if None in arrivals:  # finalize()
+                return
+            for seq, stream, sender in arrivals:
+                self.clients[id(seq)] = (stream, sender)
+            try:
+                batch.admit([seq for seq, _, _ in arrivals], self._on_update)
+                batch.step(self._on_update)
+            except Exception as exc:  # an ORT failure must still end every open request
+                for seq in batch.seqs + [seq for seq, _, _ in arrivals]:
+                    if id(seq) in self.clients:
+                        _send_error(self.clients.pop(id(seq))[1], f"generation failed: {exc}")
+                batch = Batch(self.lm)
+
+    def _on_update(self, seq):
+        stream, sender = self.clients[id(seq)]
+        if seq.finish_reason is not None:
+            del self.clients[id(seq)]
+        if seq.finish_reason == "cancelled":
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        elif stream:
+            upto = self.lm.streamable(seq)
+            chunk, seq.sent = seq.text[seq.sent:upto], max(seq.sent, upto)
+            if chunk or seq.finish_reason:
+                _send(sender, seq, chunk)
+        elif seq.finish_reason:
+            _send(sender, seq, seq.text)
 
     def _parse(self, request):
         def scalar(name, default):
@@ -284,7 +372,8 @@ class TritonPythonModel:
         return seq, bool(scalar("stream", False))
 
     def finalize(self):
-        self.lm = None
+        self.pending.put(None)
+        self.worker.join(timeout=30)
 
 
 def _text(value):
