@@ -46,6 +46,7 @@ def _import_tritonclient_grpc() -> tuple[Any, Any]:
     descriptor_pool.Default = lambda: private
     try:
         import tritonclient.grpc
+        import tritonclient.grpc._utils
         import tritonclient.grpc.aio
     finally:
         descriptor_pool.Default = default
@@ -53,6 +54,8 @@ def _import_tritonclient_grpc() -> tuple[Any, Any]:
 
 
 grpcclient, grpcaio = _import_tritonclient_grpc()
+# tritonclient's own builder of a ModelInferRequest from InferInputs (what its clients send).
+_inference_request = grpcclient._utils._get_inference_request
 
 # tritonclient's own default message limit; embeddings of a large batch exceed gRPC's 4 MiB.
 _MAX_MESSAGE = 2**31 - 1
@@ -149,6 +152,14 @@ class ModelInterface:
         return tensor
 
 
+def _request(model: str, inputs: Sequence[grpcclient.InferInput], outputs: Sequence[str] | None,
+             request_id: str) -> Any:
+    requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
+    return _inference_request(model_name=model, inputs=inputs, model_version="", request_id=request_id,
+                              outputs=requested, sequence_id=0, sequence_start=False, sequence_end=False,
+                              priority=0, timeout=None, parameters=None)
+
+
 def _v2_datatype(config_type: str) -> str:
     """Model-config ``TYPE_FP32`` -> V2 ``FP32``; ``TYPE_STRING`` is V2's ``BYTES``."""
     name = config_type.removeprefix("TYPE_")
@@ -187,6 +198,13 @@ class Triton:
         if self._client is None:
             self._client = grpcaio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         return self._client
+
+    @property
+    def _stub(self) -> Any:
+        """The generated gRPC stub on the client's channel: inference calls go to it directly,
+        skipping tritonclient's per-call wrapping (argument checks, a request iterator task for
+        streams, a response wrapper per message)."""
+        return self.client._client_stub
 
     async def ready(self, model: str, *, fresh: bool = False) -> bool:
         """Whether Triton has ``model`` loaded and ready. Never raises.
@@ -230,7 +248,6 @@ class Triton:
         """One request, one response. Decoupled models are asked over a stream; one that answers
         with more than one response (a stream request) is refused."""
         interface = await self.interface(model)
-        requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
         if interface.decoupled:
             results = [r async for r in self.stream(model, inputs, outputs=outputs, request_id=request_id)]
             if len(results) != 1:
@@ -238,10 +255,11 @@ class Triton:
                                     "ask for a stream instead")
             return results[0]
         try:
-            return await self.client.infer(model, inputs, outputs=requested, request_id=request_id,
-                                           client_timeout=self.request_timeout)
-        except (InferenceServerException, grpc.RpcError) as exc:
+            response = await self._stub.ModelInfer(_request(model, inputs, outputs, request_id),
+                                                   timeout=self.request_timeout)
+        except grpc.RpcError as exc:
             raise self._error(exc, model, self.request_timeout) from None
+        return grpcclient.InferResult(response)
 
     async def stream(
         self,
@@ -254,24 +272,21 @@ class Triton:
         """The responses of a decoupled model to one request, as they arrive.
 
         Closing the iterator early (the HTTP client went away) cancels the gRPC call, which
-        Triton turns into a cancelled request the model sees and stops generating for.
+        Triton turns into a cancelled request the model sees and stops generating for. The one
+        request is written on the call directly (no request iterator, which grpc.aio drains in a
+        task of its own), then the stream is half-closed so Triton ends it after the last response.
         """
-        request = {"model_name": model, "inputs": list(inputs), "request_id": request_id}
-        if outputs:
-            request["outputs"] = [grpcclient.InferRequestedOutput(name) for name in outputs]
-
-        async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield request
-
-        call = self.client.stream_infer(one_request(), stream_timeout=self.request_timeout)
+        call = self._stub.ModelStreamInfer(timeout=self.request_timeout)
         try:
-            async for result, error in call:
-                if error is not None:
+            await call.write(_request(model, inputs, outputs, request_id))
+            await call.done_writing()
+            async for response in call:
+                if response.error_message:
                     # In-band errors carry only a message (the stream loses the status code);
                     # they are what Triton or the model said about this request's content.
-                    raise APIError(400, error.message())
-                yield result
-        except (InferenceServerException, grpc.RpcError) as exc:
+                    raise APIError(400, response.error_message)
+                yield grpcclient.InferResult(response.infer_response)
+        except grpc.RpcError as exc:
             raise self._error(exc, model, self.request_timeout) from None
         finally:
             call.cancel()  # a no-op once the stream has ended
