@@ -9,8 +9,9 @@ and ``/metrics`` from the Prometheus default registry. What is set here:
 - ``TritonDataPlane`` replaces kserve's data plane so server readiness is Triton's.
 - ``APIError`` renders as OpenAI's error object under ``/v1`` and as ``{"error": ...}`` (the V2
   protocol's shape) elsewhere, without the traceback kserve's handlers log for every 4xx.
-- kserve's per-request timing line and (unless ``--access-log``) uvicorn's access line are
-  silenced: the same facts are in ``/metrics``, and each line costs CPU on every request.
+- kserve's per-request timing line (and the TimingMiddleware that measures it) and, unless
+  ``--access-log``, uvicorn's access line are off: the same facts are in ``/metrics``, and each
+  costs CPU on every request.
 - The OpenAI routes are served on a lean path (``LeanV1``): an ASGI app in front of kserve's
   FastAPI app sends ``/v1`` requests it knows straight to their handler, skipping the middleware
   stack (Starlette's error and exception middleware, kserve's timing middleware, which matches
@@ -121,6 +122,7 @@ def serve(args: argparse.Namespace) -> None:
     with _argv_hidden():
         from kserve import ModelServer
         from kserve import model_server as kserve_model_server
+        from timing_asgi import TimingMiddleware
 
     from .metrics import Admission
     from .model import TritonDataPlane, TritonModel
@@ -151,6 +153,11 @@ def serve(args: argparse.Namespace) -> None:
 
         def create_application(self) -> None:
             super().create_application()
+            # kserve's TimingMiddleware only feeds the kserve.trace log line silenced above, yet
+            # on every request it matches the path against every route (to name it) and reads
+            # the process CPU time twice. Starlette builds the middleware stack on the first
+            # request, so dropping it here takes it off the V2 path too.
+            app.user_middleware[:] = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
             self.config.app = lean
 
     kserve_model_server.RESTServer = RESTServer
