@@ -17,10 +17,10 @@ tiny LM. Heavy imports (torch, transformers) stay inside the functions.
 from __future__ import annotations
 
 import ast
-import os
 import codecs
 import hashlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
