@@ -18,9 +18,7 @@ depends on where in that period the load starts: several cycles show the spread.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from llmserve.testbed.scaling import (
 )
 from llmserve.testbed.triton import TritonServer
 from llmserve.testbed.waiting import poll
+from testbed_run import run_on_testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = ROOT / "tests" / "data" / "model_repo"
@@ -132,21 +131,7 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=3, help="load / idle cycles to measure (default 3)")
     parser.add_argument("--testbed", help="reuse this running test bed instead of starting one")
     args = parser.parse_args()
-    bed = TestBed(args.testbed or "bench-autoscaling")
-    if not args.testbed:
-        log("starting a test bed with 2 nodes of 8 GPUs")
-        bed.up(nodes=2, gpus=8)
-    try:
-        with tempfile.TemporaryDirectory(prefix="llmserve-bench-autoscaling-") as tmp:
-            result = run(bed, args, Path(tmp))
-    finally:
-        if not args.testbed:
-            bed.down()
-    out = ROOT / "bench" / "results" / "autoscaling.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_on_testbed("autoscaling", args.testbed, lambda bed, tmp: run(bed, args, tmp))
 
 
 if __name__ == "__main__":

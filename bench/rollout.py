@@ -24,7 +24,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +34,7 @@ from llmserve.testbed.cluster import TestBed
 from llmserve.testbed.prometheus import Prometheus
 from llmserve.testbed.rollout import MODEL, TrackRouter, revision_of, scrape_target, stage_probe_versions
 from llmserve.testbed.triton import TritonServer
+from testbed_run import run_on_testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = ROOT / "tests" / "data" / "model_repo"
@@ -124,21 +124,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each scenario (default 1)")
     parser.add_argument("--testbed", help="reuse this running test bed instead of starting one")
     args = parser.parse_args()
-    bed = TestBed(args.testbed or "bench-rollout")
-    if not args.testbed:
-        log("starting a test bed with 2 nodes of 8 GPUs")
-        bed.up(nodes=2, gpus=8)
-    try:
-        with tempfile.TemporaryDirectory(prefix="llmserve-bench-rollout-") as tmp:
-            result = run(bed, args, Path(tmp))
-    finally:
-        if not args.testbed:
-            bed.down()
-    out = ROOT / "bench" / "results" / "rollout.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_on_testbed("rollout", args.testbed, lambda bed, tmp: run(bed, args, tmp))
 
 
 if __name__ == "__main__":
