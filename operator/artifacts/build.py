@@ -12,14 +12,17 @@ build command so `verify` and `pull` stay light.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import platform
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -227,13 +230,27 @@ def _max_length(source: Path, tokenizer, config, requested: int | None) -> int:
 # -- ONNX ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
            path: Path, *, dynamic_shapes=None, dynamic_axes=None) -> None:
     """`torch.onnx.export` with the dynamo exporter (`dynamic_shapes`), or with the TorchScript
     exporter (`dynamic_axes`): ONNX Runtime's BERT fusions match the TorchScript graph of an
     encoder (MiniLM: 6 fused Attention nodes) but none of the dynamo graph's, while causal LMs
     with a DynamicCache export cleanly only through dynamo."""
-    with torch.no_grad():
+    # The exporter's notes on axis naming and absent torchvision ops are about its internals, not
+    # about this model: keep the build's progress output readable.
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_logger("torch.onnx"):
+        warnings.simplefilter("ignore", UserWarning)
         if dynamic_axes is not None:
             torch.onnx.export(module, args, str(path), input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes,
