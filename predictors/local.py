@@ -13,13 +13,12 @@ install kserve in their own process (the child process does the serving).
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ..testbed.procs import LocalProcess, free_ports, tail
+from ..testbed.procs import LocalProcess, LocalServer, free_ports
 from ..testbed.triton import _http_ok
 from .cli import predictor_command
 
@@ -28,7 +27,7 @@ class PredictorError(RuntimeError):
     """The predictor process failed to start or to become ready; the message has its log tail."""
 
 
-class LocalPredictor:
+class LocalPredictor(LocalServer):
     """``llmserve predictor --triton-grpc <triton_grpc> --model <model>`` on 127.0.0.1.
 
     ``flags`` are further predictor flags by dest name (``max_concurrency=2``, ``access_log=True``). ``start`` returns
@@ -36,33 +35,22 @@ class LocalPredictor:
     means Triton has the model ready.
     """
 
+    what, log_name, error = "the predictor", "predictor.log", PredictorError
+    stop_grace = 15.0  # uvicorn shuts down gracefully on SIGTERM
+
     def __init__(self, triton_grpc: str, model: str, *, startup_timeout: float = 60.0,
                  **flags: bool | int | float) -> None:
         self.triton_grpc = triton_grpc
         self.model = model
         self.flags = flags
         self.startup_timeout = startup_timeout
-        self.port = 0
-        self._workdir: Path | None = None
-        self._process: LocalProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__()
 
     @property
     def openai_base_url(self) -> str:
         """What the official client takes as ``base_url``."""
         return f"{self.url}/v1"
 
-    @property
-    def log_path(self) -> Path:
-        if self._workdir is None:
-            raise PredictorError("the predictor has not been started")
-        return self._workdir / "predictor.log"
-
-    def log_tail(self, lines: int = 60) -> str:
-        return tail(self.log_path, lines)
 
     @property
     def pid(self) -> int | None:
@@ -107,19 +95,4 @@ class LocalPredictor:
                                      f"\n--- log tail ---\n{self.log_tail()}")
             time.sleep(0.1)
 
-    def stop(self) -> None:
-        """SIGTERM (uvicorn shuts down gracefully), SIGKILL after a grace period, then remove the
-        log. Idempotent."""
-        if self._process is not None:
-            self._process.stop(grace=15)
-            self._process = None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
-    def __enter__(self) -> LocalPredictor:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 

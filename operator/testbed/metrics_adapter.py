@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 from . import pki, toolchain
 from .cluster import TestBed
-from .procs import LocalProcess, free_ports, tail
+from .procs import LocalProcess, LocalServer, free_ports
 
 NAMESPACE = "monitoring"
 NAME = "prometheus-adapter"
@@ -76,29 +75,20 @@ class MetricsAdapterError(RuntimeError):
     """The adapter did not start or the API server cannot reach it; the message has its log tail."""
 
 
-class MetricsAdapter:
+class MetricsAdapter(LocalServer):
     """One local prometheus-adapter registered as the test bed's custom metrics API.
 
     `relist_interval` is how often the adapter rediscovers which series exist (a new LLMService's
     metrics appear within it); queries for values always go to Prometheus live.
     """
 
+    what, log_name, error = "the adapter", "prometheus-adapter.log", MetricsAdapterError
+
     def __init__(self, cluster: TestBed, prometheus_url: str, config: str, *, relist_interval: str = "5s",
                  startup_timeout: float = 90.0):
         self.cluster, self.prometheus_url, self.config = cluster, prometheus_url, config
         self.relist_interval, self.startup_timeout = relist_interval, startup_timeout
-        self.port = 0
-        self._workdir: Path | None = None
-        self._process: LocalProcess | None = None
-
-    @property
-    def log_path(self) -> Path:
-        if self._workdir is None:
-            raise MetricsAdapterError("the adapter has not been started")
-        return self._workdir / "prometheus-adapter.log"
-
-    def log_tail(self, lines: int = 60) -> str:
-        return tail(self.log_path, lines)
+        super().__init__()
 
     def start(self) -> MetricsAdapter:
         from ..controller.local import service_account_kubeconfig
@@ -173,15 +163,4 @@ class MetricsAdapter:
         and blocks namespace deletion), then stop the process and remove its files."""
         if self._workdir is not None:
             self.cluster.kubectl("delete", "apiservice", APISERVICE, "--ignore-not-found", check=False)
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
-    def __enter__(self) -> MetricsAdapter:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,3 +96,48 @@ class LocalProcess:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+class LocalServer:
+    """The shared skeleton of a local server the tests run: one scratch directory (config, data,
+    log) and one ``LocalProcess``, both removed by ``stop``. Subclasses set ``what`` (for
+    messages), ``log_name`` and ``error`` and implement ``start``."""
+
+    what = "the server"
+    log_name = "server.log"
+    error: type[Exception] = RuntimeError
+    stop_grace = 30.0
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._workdir: Path | None = None
+        self._process: LocalProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        if self._workdir is None:
+            raise self.error(f"{self.what} has not been started")
+        return self._workdir / self.log_name
+
+    def log_tail(self, lines: int = 60) -> str:
+        return tail(self.log_path, lines)
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM, SIGKILL after ``stop_grace``) and remove its directory.
+        Idempotent."""
+        if self._process is not None:
+            self._process.stop(grace=self.stop_grace)
+            self._process = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .procs import LocalProcess, free_ports, tail
+from .procs import LocalProcess, LocalServer, free_ports
 
 JOB = "triton"
 
@@ -71,8 +71,10 @@ def render_config(targets: Iterable[Mapping[str, Any]], scrape_interval: str = "
     }
 
 
-class Prometheus:
+class Prometheus(LocalServer):
     """A local Prometheus on a free loopback port with its own TSDB in a temporary directory."""
+
+    what, log_name, error = "Prometheus", "prometheus.log", PrometheusError
 
     def __init__(
         self,
@@ -85,22 +87,7 @@ class Prometheus:
         self.config = render_config(targets, scrape_interval)
         self.binary = binary
         self.startup_timeout = startup_timeout
-        self.port = 0
-        self._workdir: Path | None = None
-        self._process: LocalProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        if self._workdir is None:
-            raise PrometheusError("Prometheus has not been started")
-        return self._workdir / "prometheus.log"
-
-    def log_tail(self, lines: int = 60) -> str:
-        return tail(self.log_path, lines)
+        super().__init__()
 
     def start(self) -> Prometheus:
         if self._process is not None:
@@ -221,17 +208,3 @@ class Prometheus:
             f"--- log tail ({self.log_path}) ---\n{self.log_tail(20)}"
         )
 
-    def stop(self) -> None:
-        """Stop Prometheus and remove its configuration, TSDB and log."""
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
-    def __enter__(self) -> Prometheus:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
