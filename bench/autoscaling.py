@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from llmserve.controller.local import LocalOperator, install_chart, service_account_kubeconfig
-from llmserve.controller.units import parse_quantity
+from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
+from llmserve.operator.units import parse_quantity
 from llmserve.testbed.cluster import TestBed
 from llmserve.testbed.load import InferenceLoad
 from llmserve.testbed.metrics_adapter import MetricsAdapter

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from llmserve.controller.kube import KubeClient, load_config
-from llmserve.controller.local import LocalOperator, install_chart, service_account_kubeconfig
+from llmserve.operator.kube import KubeClient, load_config
+from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
 from llmserve.testbed.cluster import TestBed
 
 NAMESPACE = "fleet"

@@ -28,8 +28,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from llmserve.controller.local import LocalOperator, install_chart, service_account_kubeconfig
-from llmserve.controller.rollout import parse_stamp
+from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
+from llmserve.operator.rollout import parse_stamp
 from llmserve.testbed.cluster import TestBed
 from llmserve.testbed.prometheus import Prometheus
 from llmserve.testbed.rollout import MODEL, TrackRouter, revision_of, scrape_target, stage_probe_versions

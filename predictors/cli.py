@@ -1,7 +1,7 @@
 """`llmserve predictor`: the OpenAI / V2 predictor in front of a Triton server.
 
 The operator runs exactly this command as the `predictor` sidecar of every model-version pod
-(`llmserve.controller.render.predictor_container`), next to `tritonserver` on localhost:
+(`llmserve.operator.render.predictor_container`), next to `tritonserver` on localhost:
 
     llmserve predictor --triton-grpc localhost:8001 --http-port 8080 --model <name>
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from llmserve.controller.units import parse_quantity
+from llmserve.operator.units import parse_quantity
 from llmserve.testbed.load import InferenceLoad
 from llmserve.testbed.scaling import (
     MODEL, MODEL_INPUTS, first_pod, llmservice, snapshot, triton_target,

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from llmserve.controller.analysis import FAIL, INCONCLUSIVE, PASS, Criteria, analyze
+from llmserve.operator.analysis import FAIL, INCONCLUSIVE, PASS, Criteria, analyze
 from llmserve.testbed.procs import free_ports
 from llmserve.testbed.rollout import INFER_BODY, MODEL, scrape_target
 

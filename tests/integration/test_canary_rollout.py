@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from fixtures.operator import get_json, wait_for
-from llmserve.controller.rollout import ACTION_ANNOTATION
+from llmserve.operator.rollout import ACTION_ANNOTATION
 from llmserve.testbed.rollout import MODEL, TrackRouter, revision_of
 
 pytestmark = pytest.mark.cluster

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 import yaml
 
-from llmserve.controller.local import CHART_DIR
+from llmserve.testbed.local_operator import CHART_DIR
 from llmserve.testbed.toolchain import HELM, KUBERNETES_VERSION
 
 VARIANTS = {

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fixtures.operator import get_json, wait_for
-from llmserve.controller.rollout import revision_name, serving_spec
+from llmserve.operator.rollout import revision_name, serving_spec
 
 pytestmark = pytest.mark.cluster
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from llmserve.controller.analysis import (
+from llmserve.operator.analysis import (
     FAIL, INCONCLUSIVE, PASS, Criteria, Measurement, analyze, judge, measurements, queries,
 )
 

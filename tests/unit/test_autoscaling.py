@@ -7,11 +7,11 @@ import yaml
 
 from datetime import datetime, timezone
 
-from llmserve.controller import autoscaling as a
-from llmserve.controller.autoscaling_cli import render
-from llmserve.controller.rollout import Observed, plan
-from llmserve.controller.spec import Spec, deployment_name
-from llmserve.controller.status import Observation, compute
+from llmserve.operator import autoscaling as a
+from llmserve.operator.autoscaling_cli import render
+from llmserve.operator.rollout import Observed, plan
+from llmserve.operator.spec import Spec, deployment_name
+from llmserve.operator.status import Observation, compute
 
 CHART_RULES = Path(__file__).resolve().parents[2] / "charts" / "llmserve" / "files" / "prometheus-adapter.yaml"
 LLMSERVICE = {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService", "name": "chat"}

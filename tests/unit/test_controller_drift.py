@@ -1,6 +1,6 @@
 """Does the observed child already hold what we would apply?"""
 
-from llmserve.controller.drift import differences
+from llmserve.operator.drift import differences
 
 DESIRED = {
     "metadata": {"name": "chat-v3", "labels": {"a": "1"}},

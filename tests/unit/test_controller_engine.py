@@ -4,15 +4,15 @@ import asyncio
 
 import pytest
 
-from llmserve.controller import engine as engine_mod
-from llmserve.controller.engine import Engine, RetryLater
-from llmserve.controller.reconcile import Children
-from llmserve.controller.render import Images
+from llmserve.operator import engine as engine_mod
+from llmserve.operator.engine import Engine, RetryLater
+from llmserve.operator.reconcile import Children
+from llmserve.operator.render import Images
 
 
 class FakeClient:
     def __init__(self):
-        from llmserve.controller.kube import RequestStats
+        from llmserve.operator.kube import RequestStats
         self.stats = RequestStats()
 
     def scoped(self):

@@ -2,7 +2,7 @@
 
 import kopf
 
-from llmserve.controller.handlers import stored
+from llmserve.operator.handlers import stored
 
 
 def test_indexes_drop_managed_fields_and_kubectls_copy_of_the_object():

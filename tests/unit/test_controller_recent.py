@@ -1,6 +1,6 @@
 """The operator's memory of its own writes, used while the watch has not delivered them."""
 
-from llmserve.controller.recent import Recent
+from llmserve.operator.recent import Recent
 
 
 def obj(name, rv, replicas, kind="Deployment", ns="a"):

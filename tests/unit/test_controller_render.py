@@ -2,9 +2,9 @@
 
 import pytest
 
-from llmserve.controller.render import Images, Tracks, desired_children, puller_command
-from llmserve.controller.spec import Repository, Spec
-from llmserve.tritoncmd import tritonserver_command
+from llmserve.operator.render import Images, Tracks, desired_children, puller_command
+from llmserve.operator.spec import Repository, Spec
+from llmserve.operator.tritoncmd import tritonserver_command
 
 IMAGES = Images(puller="llmserve/llmserve:test", predictor="llmserve/predictor:test")
 STANDARD_LABELS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by",

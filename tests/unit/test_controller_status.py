@@ -2,10 +2,10 @@
 
 from datetime import datetime, timezone
 
-from llmserve.controller import conditions, rollout
-from llmserve.controller.conditions import Condition
-from llmserve.controller.spec import Spec, deployment_name
-from llmserve.controller.status import Observation, Problem, compute, invalid, pod_summary, transition_events
+from llmserve.operator import conditions, rollout
+from llmserve.operator.conditions import Condition
+from llmserve.operator.spec import Spec, deployment_name
+from llmserve.operator.status import Observation, Problem, compute, invalid, pod_summary, transition_events
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 

@@ -4,7 +4,7 @@ from decimal import Decimal
 
 import pytest
 
-from llmserve.controller.units import parse_duration, parse_quantity, same_quantity
+from llmserve.operator.units import parse_duration, parse_quantity, same_quantity
 
 
 @pytest.mark.parametrize("text,seconds", [

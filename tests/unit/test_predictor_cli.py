@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from llmserve.cli import build_parser
-from llmserve.controller.render import Images, desired_children
-from llmserve.controller.spec import Spec
+from llmserve.operator.render import Images, desired_children
+from llmserve.operator.spec import Spec
 from llmserve.predictors.cli import DEFAULT_MAX_CONCURRENCY, predictor_command
 from llmserve.predictors.protocol import APIError
 from llmserve.predictors.triton import ModelInterface

@@ -1,4 +1,4 @@
-"""The rollout state machine and the replica split (llmserve.controller.rollout), without I/O.
+"""The rollout state machine and the replica split (llmserve.operator.rollout), without I/O.
 
 `Cluster` plays the part of Kubernetes between two reconciles: each tick, the pods the plan asks
 for become ready, as far as the GPUs allow (pods beyond `capacity` stay Pending). The status goes
@@ -11,8 +11,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from llmserve.controller import rollout as r
-from llmserve.controller.analysis import FAIL, INCONCLUSIVE, PASS, Criteria, Measurement, Verdict
+from llmserve.operator import rollout as r
+from llmserve.operator.analysis import FAIL, INCONCLUSIVE, PASS, Criteria, Measurement, Verdict
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 GOOD = Measurement(requests=100, failures=0, p99_ms=20)

@@ -3,7 +3,7 @@
 from datetime import datetime, timezone
 
 from llmserve.cli import build_parser
-from llmserve.controller.rollout_cli import describe
+from llmserve.operator.rollout_cli import describe
 
 OBJ = {
     "metadata": {"name": "chat", "namespace": "team-a"},

@@ -1,8 +1,8 @@
 """The Gateway API HTTPRoute that splits traffic between the track Services."""
 
-from llmserve.controller.rollout import split
-from llmserve.controller.spec import Spec
-from llmserve.controller.traffic import gateway_api_installed, http_route
+from llmserve.operator.rollout import split
+from llmserve.operator.spec import Spec
+from llmserve.operator.traffic import gateway_api_installed, http_route
 
 SPEC = Spec.from_object({"metadata": {"name": "chat", "namespace": "team-a", "uid": "u1"},
                          "spec": {"model": {"name": "tiny", "repository": "pvc://m/r", "version": 3}}})

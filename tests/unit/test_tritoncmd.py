@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmserve.tritoncmd import tritonserver_command
+from llmserve.operator.tritoncmd import tritonserver_command
 
 
 def test_pod_defaults_serve_named_models_explicitly_on_standard_ports():

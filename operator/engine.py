@@ -19,7 +19,7 @@ from .kube import KubeClient
 from .reconcile import Children, GatewayDiscovery, Recorder, reconcile
 from .render import Images
 
-log = logging.getLogger("llmserve.controller")
+log = logging.getLogger("llmserve.operator")
 
 Key = tuple[str, str]  # (namespace, name)
 Lookup = Callable[[Key], tuple[dict | None, Children]]

@@ -19,7 +19,7 @@ MANAGER = "llmserve"
 
 # Standard labels on every child. Prometheus relabels the pod labels into metric labels, so the
 # analysis and autoscaling queries (issues 6 and 7) select on these exact keys. Pods carry their
-# revision (`v<version>-<hash>`, llmserve.controller.rollout), not their track: which revision is
+# revision (`v<version>-<hash>`, llmserve.operator.rollout), not their track: which revision is
 # stable changes at promotion, and a pod-template label change would restart every GPU pod. The
 # track is on the Deployments and Services, whose metadata can change without touching pods.
 LABEL_NAME = "app.kubernetes.io/name"

@@ -1,7 +1,7 @@
 """Runs the real ``tritonserver`` from the ``nvidia-pytriton`` wheel locally, on CPU.
 
 Pods in the test bed's cluster are simulated (KWOK), so data-plane tests run Triton here with the
-same argv the operator puts in the pod (``llmserve.tritoncmd``). Three things differ from the
+same argv the operator puts in the pod (``llmserve.operator.tritoncmd``). Three things differ from the
 Triton container image and are handled here:
 
 - Backends. The wheel ships ``backends/python/libtriton_python.so`` but keeps its stubs aside, one
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..tritoncmd import tritonserver_command
+from ..operator.tritoncmd import tritonserver_command
 from .paths import cache_root
 from .procs import LocalProcess, free_ports, tail
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from ..controller.local import CHART_DIR
-from ..controller.spec import LABEL_SERVICE, LABEL_TRACK
+from .local_operator import CHART_DIR
+from ..operator.spec import LABEL_SERVICE, LABEL_TRACK
 from .cluster import TestBed
 from .metrics_adapter import NAMESPACE as ADAPTER_NAMESPACE
 from .prometheus import metric_labels

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from ..predictors.cli import predictor_command
-from ..tritoncmd import GRPC_PORT, HTTP_PORT, METRICS_PORT, tritonserver_command
+from .tritoncmd import GRPC_PORT, HTTP_PORT, METRICS_PORT, tritonserver_command
 from .spec import (
     API_VERSION, CANARY, KIND, LABEL_REVISION, LABEL_SERVICE, LABEL_TRACK, PROGRESS_MARGIN, STABLE, Spec,
     child_labels, deployment_name, pod_labels, track_service_name,

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..controller.rollout import revision_name, serving_spec
+from ..operator.rollout import revision_name, serving_spec
 from .cluster import TestBed
 from .prometheus import metric_labels
 

@@ -3,7 +3,7 @@ derive status.
 
 Input is the LLMService and its children as last observed (the operator's watch indexes); nothing
 here depends on which event triggered the run, so running it twice in a row is harmless and the
-second run writes nothing. The rollout's whole state is in the status (llmserve.controller.rollout),
+second run writes nothing. The rollout's whole state is in the status (llmserve.operator.rollout),
 so a restarted operator carries on where the last one stopped; time-driven steps (a pause ending,
 an analysis due) are not events, so `reconcile` returns when it wants to run again.
 """
@@ -22,7 +22,7 @@ from .kube import ApiError, KubeClient, now_rfc3339, object_path
 from .render import Images, Tracks, desired_children
 from .spec import API_VERSION, KIND, LABEL_REVISION, Spec
 
-log = logging.getLogger("llmserve.controller")
+log = logging.getLogger("llmserve.operator")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import yaml
 
-from ..testbed.procs import LocalProcess, free_ports, tail
+from .procs import LocalProcess, free_ports, tail
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "llmserve"
 RELEASE = "llmserve"

@@ -49,7 +49,7 @@ def step(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llmserve.cli import CommandError
-    from llmserve.controller.local import OperatorError
+    from llmserve.testbed.local_operator import OperatorError
     from llmserve.predictors.local import PredictorError
     from llmserve.testbed.cluster import TestBedError
     from llmserve.testbed.toolchain import BuildError
@@ -66,7 +66,7 @@ class QuickstartError(RuntimeError):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llmserve.controller.local import LocalOperator, install_chart, service_account_kubeconfig
+    from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
     from llmserve.testbed.cluster import TestBed, TestBedError
     from llmserve.testbed.paths import cache_root
 

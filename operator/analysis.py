@@ -11,7 +11,7 @@ rules use):
   cancelled. Malformed client requests are refused before they reach the model and are counted
   nowhere, so they do not make a canary look bad.
 - p99 latency = `nv_inference_request_summary_us{quantile="0.99"}`, the tritonserver summary the
-  operator turns on (`--metrics-config=summary_latencies=true`, see `llmserve.tritoncmd`), taken
+  operator turns on (`--metrics-config=summary_latencies=true`, see `llmserve.operator.tritoncmd`), taken
   as the highest value of any pod of the revision during the window. Why this and not something
   else: Triton exports no latency histogram for non-decoupled models, so no `histogram_quantile`
   over the fleet is possible; its cumulative `nv_inference_request_duration_us` counter gives only

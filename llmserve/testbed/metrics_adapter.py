@@ -91,7 +91,7 @@ class MetricsAdapter(LocalServer):
         super().__init__()
 
     def start(self) -> MetricsAdapter:
-        from ..controller.local import service_account_kubeconfig
+        from .local_operator import service_account_kubeconfig
 
         toolchain.build(toolchain.PROMETHEUS_ADAPTER)
         self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-prometheus-adapter-"))

@@ -1,1 +1,0 @@
-"""The LLMService operator: pure builders, one apply path, kopf wiring."""
