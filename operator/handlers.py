@@ -4,9 +4,11 @@
   reconcile reads what it needs without a single API request. Children are watched with a
   server-side label selector (`app.kubernetes.io/managed-by=llmserve`), so the operator never
   lists the cluster's other Deployments, Services or pods.
-- `@on.resume` + `@on.create` + `@on.update` on LLMServices reconcile and let kopf retry failures
-  (`kopf.TemporaryError`). `@on.event` on children and pods reconciles their LLMService, which is
-  how a deleted or hand-edited child is repaired and how pod scheduling reaches the status.
+- `@on.event` on LLMServices, their children and pods reconciles the LLMService: level-based, the
+  engine reads the whole state from the indexes and retries failures with backoff itself. Event
+  handlers keep no kopf state, so the operator never writes kopf's progress or last-handled
+  annotations: it needs no `patch` (nor `get`) on llmservices, only `patch` on their status. A
+  deleted or hand-edited child is repaired the same way, and pod scheduling reaches the status.
 - No delete handler, daemon or timer: those would put a kopf finalizer on every LLMService.
   Deletion is the garbage collector's job (ownerReferences).
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from .engine import Engine, Key, RetryLater
+from .engine import Engine, Key
 from .reconcile import Children
 from .spec import GROUP, LABEL_MANAGED_BY, LABEL_SERVICE, MANAGED_SELECTOR, MANAGER, PLURAL, VERSION
 from .status import pod_summary
@@ -32,15 +34,11 @@ CHILD_RESOURCES = (("apps", "v1", "deployments"), ("v1", "services"),
 
 
 def watch_settings(settings: kopf.OperatorSettings) -> None:
-    """Server-side filtering of the child watches, no cluster scanning, only error Events from kopf,
-    and kopf's bookkeeping in annotations of our own prefix (never in the status we own)."""
+    """Server-side filtering of the child watches, no cluster scanning, only error Events from kopf."""
     for resource in CHILD_RESOURCES:
         settings.watching.label_selectors[resource] = MANAGED_SELECTOR
     settings.scanning.disabled = True  # no CRD/namespace watching: not needed, and not in our RBAC
     settings.posting.level = logging.ERROR  # kopf posts only errors as Events; ours say what we did
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="llmserve.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="llmserve.io", key="last-handled-configuration")
 
 
 # Annotations of no use to a reconcile that can be as large as the object itself.
@@ -110,14 +108,9 @@ def _bind(memo: kopf.Memo, indexes: dict[str, Any]) -> Engine:
     return engine
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
-@kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
-@kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
+@kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
 async def llmservice_changed(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
-    try:
-        await _bind(memo, kwargs).run_now((namespace, name))
-    except RetryLater as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+    _bind(memo, kwargs).poke((namespace, name))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD, registry=registry)

@@ -53,9 +53,12 @@ class Images:
 
 
 def owner_reference(spec: Spec) -> dict:
-    """Makes the LLMService the controller of a child: the garbage collector deletes the child with it."""
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": spec.name, "uid": spec.uid,
-            "controller": True, "blockOwnerDeletion": True}
+    """Makes the LLMService the controller of a child: the garbage collector deletes the child with it.
+
+    No `blockOwnerDeletion`: it only orders foreground deletion, and where the
+    OwnerReferencesPermissionEnforcement admission plugin runs, setting it needs `update` on
+    llmservices/finalizers, a permission the operator otherwise has no use for (least privilege)."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": spec.name, "uid": spec.uid, "controller": True}
 
 
 def _metadata(spec: Spec, name: str, version: int, track: str) -> dict:

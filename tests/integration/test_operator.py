@@ -267,6 +267,10 @@ def test_only_one_replica_acts_and_a_standby_takes_over(testbed, operator, names
 @pytest.mark.parametrize("verb,resource,allowed", [
     ("watch", "llmservices.llmserve.io", True),
     ("patch", "llmservices.llmserve.io/status", True),
+    ("get", "llmservices.llmserve.io", False),
+    ("patch", "llmservices.llmserve.io", False),
+    ("update", "llmservices.llmserve.io/finalizers", False),
+    ("update", "llmservices.llmserve.io/scale", False),
     ("patch", "deployments.apps", True),
     ("delete", "deployments.apps", True),
     ("list", "pods", True),

@@ -47,8 +47,7 @@ def test_children_names_labels_and_owner():
         assert STANDARD_LABELS <= set(meta["labels"])
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "llmserve"
         assert meta["ownerReferences"] == [{"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
-                                            "name": "chat", "uid": "uid-1", "controller": True,
-                                            "blockOwnerDeletion": True}]
+                                            "name": "chat", "uid": "uid-1", "controller": True}]
     template = deployment()["spec"]["template"]
     # Pods carry their revision, not their track: promotion must not change the pod template.
     assert "llmserve.io/track" not in template["metadata"]["labels"]
