@@ -32,6 +32,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                      help="image of the model-puller init container ($LLMSERVE_PULLER_IMAGE)")
     run.add_argument("--predictor-image", default=os.environ.get("LLMSERVE_PREDICTOR_IMAGE", DEFAULT_PREDICTOR_IMAGE),
                      help="default predictor sidecar image ($LLMSERVE_PREDICTOR_IMAGE)")
+    for engine in ("vllm", "onnxruntime"):
+        variable = f"LLMSERVE_{engine.upper()}_IMAGE"
+        run.add_argument(f"--{engine}-image", default=os.environ.get(variable, ""), metavar="IMAGE",
+                         help=f"Triton image for engine {engine} when spec.runtime.image is unset (${variable}; "
+                              "default: docs/engines.md#images)")
     run.add_argument("--prometheus-url", default=os.environ.get("LLMSERVE_PROMETHEUS_URL", ""),
                      help="Prometheus that scrapes the Triton pods, for KEDA autoscaling triggers and "
                           "canary analysis ($LLMSERVE_PROMETHEUS_URL)")
@@ -47,6 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     from .kube import ConfigError
     from .render import Images
     from .runner import Options, run
+    from .spec import DEFAULT_RUNTIME_IMAGES
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "debug":  # kopf logs every handled watch event; our Events say what changed
@@ -54,7 +60,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.lease_duration < 3:
         raise CommandError("--lease-duration must be at least 3 seconds")
     opts = Options(
-        namespaces=tuple(args.namespaces), images=Images(puller=args.puller_image, predictor=args.predictor_image),
+        namespaces=tuple(args.namespaces),
+        images=Images(puller=args.puller_image, predictor=args.predictor_image,
+                      runtime={engine: getattr(args, f"{engine}_image") or image
+                               for engine, image in DEFAULT_RUNTIME_IMAGES.items()}),
         kubeconfig=args.kubeconfig, leader_election=args.leader_election, lease_namespace=args.lease_namespace,
         lease_name=args.lease_name, lease_duration=args.lease_duration, health_address=args.health_address,
         health_port=args.health_port, identity=args.identity, prometheus_url=args.prometheus_url,

@@ -16,21 +16,25 @@ Children of `<name>` (DESIGN §3):
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..predictors.cli import predictor_command
 from .tritoncmd import GRPC_PORT, HTTP_PORT, METRICS_PORT, tritonserver_command
 from .spec import (
-    API_VERSION, CANARY, KIND, LABEL_REVISION, LABEL_SERVICE, LABEL_TRACK, PROGRESS_MARGIN, STABLE, Spec,
-    child_labels, deployment_name, pod_labels, track_service_name,
+    API_VERSION, CANARY, DEFAULT_RUNTIME_IMAGES, KIND, LABEL_REVISION, LABEL_SERVICE, LABEL_TRACK, PROGRESS_MARGIN,
+    STABLE, VLLM, Spec, child_labels, deployment_name, pod_labels, track_service_name,
 )
+from .units import parse_quantity
 
 PREDICTOR_PORT = 8080
 MODELS_DIR, REPOSITORY_DIR = "/models", "/repository"
 STARTUP_PROBE_PERIOD = 10
 # The image's non-root user: tritonserver images run as triton-server (uid 1000); ours match.
 RUN_AS_USER = 1000
+# vLLM's tensor-parallel workers exchange activations through /dev/shm: at least this per GPU.
+SHM_PER_PARALLEL_GPU = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,15 @@ class Tracks:
 
 @dataclass(frozen=True)
 class Images:
-    """Operator-wide images (chart values): the puller is the llmserve image itself."""
+    """Operator-wide images (chart values): the puller is the llmserve image itself; `runtime` is
+    the Triton image per engine, used when spec.runtime.image is unset."""
 
     puller: str
     predictor: str
+    runtime: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_RUNTIME_IMAGES))
+
+    def triton(self, spec: Spec) -> str:
+        return spec.image or self.runtime[spec.engine]
 
 
 def owner_reference(spec: Spec) -> dict:
@@ -90,8 +99,20 @@ def puller_command(spec: Spec) -> list[str]:
     """`llmserve pull`: copy exactly one version into /models and verify it against its manifest."""
     source = f"{REPOSITORY_DIR}/{spec.repository.path}" if spec.repository.scheme == "pvc" else REPOSITORY_DIR
     cmd = ["llmserve", "pull", "--source", source.rstrip("/"), "--model", spec.model,
-           "--version", str(spec.version), "--dest", MODELS_DIR]
+           "--version", str(spec.version), "--dest", MODELS_DIR,
+           # The pulled copy's config.pbtxt carries how this pod runs the model (docs/engines.md).
+           "--engine", spec.engine, "--instance-kind", spec.instance_kind]
+    if spec.engine_args:
+        cmd += ["--engine-args", json.dumps(spec.engine_args, sort_keys=True, separators=(",", ":"))]
     return cmd + (["--sha256", spec.sha256] if spec.sha256 else [])
+
+
+def shm_size(spec: Spec) -> str:
+    """/dev/shm as asked, but at least 1Gi per GPU a vLLM replica is sharded over."""
+    if spec.engine != VLLM or spec.tensor_parallel_size < 2:
+        return spec.shm_size
+    floor = spec.tensor_parallel_size * SHM_PER_PARALLEL_GPU
+    return spec.shm_size if parse_quantity(spec.shm_size) >= floor else f"{spec.tensor_parallel_size}Gi"
 
 
 def _repository_volume(spec: Spec) -> dict:
@@ -101,7 +122,7 @@ def _repository_volume(spec: Spec) -> dict:
     return {"name": "repository", "hostPath": {"path": spec.repository.path, "type": "Directory"}}
 
 
-def triton_container(spec: Spec) -> dict:
+def triton_container(spec: Spec, images: Images) -> dict:
     """Triton in explicit model-control mode; probes sized so a slow model load never restarts it.
 
     The startup probe asks for this exact model version and tolerates `startupTimeout` of loading;
@@ -113,7 +134,7 @@ def triton_container(spec: Spec) -> dict:
         limits[spec.gpu_resource] = str(spec.gpus)
     return {
         "name": "tritonserver",
-        "image": spec.image,
+        "image": images.triton(spec),
         "command": tritonserver_command(MODELS_DIR, [spec.model]),
         "ports": [
             {"name": "triton-http", "containerPort": HTTP_PORT, "protocol": "TCP"},
@@ -175,12 +196,12 @@ def deployment(spec: Spec, images: Images, *, track: str = STABLE, replicas: int
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
                             "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
         "initContainers": [puller_container(spec, images)],
-        "containers": [triton_container(spec), predictor_container(spec, images)],
+        "containers": [triton_container(spec, images), predictor_container(spec, images)],
         "volumes": [
             _repository_volume(spec),
             {"name": "models", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(spec)}},
         ],
         **_nonempty(nodeSelector=spec.node_selector, tolerations=spec.tolerations, affinity=spec.affinity,
                     imagePullSecrets=spec.image_pull_secrets),

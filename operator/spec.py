@@ -7,7 +7,9 @@ object written before a default existed still renders the same children.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from importlib.metadata import version as _installed_version
 from urllib.parse import urlsplit
 
 from .rollout import SERVING_FIELDS, Policy, revision_name, serving_spec
@@ -33,7 +35,21 @@ MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGER}"
 
 STABLE, CANARY = "stable", "canary"
 
-DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:25.08-py3"
+# Engines (docs/engines.md): which one runs the model inside Triton decides the image and what the
+# model puller accepts. vllm is the default: the CRD leaves spec.runtime.engine unset rather than
+# defaulting it, so services written before engines existed keep their revision.
+VLLM, ONNXRUNTIME = "vllm", "onnxruntime"
+DEFAULT_ENGINE = VLLM
+TRITON_RELEASE = "25.08"
+# The image each engine runs in unless spec.runtime.image names one (chart values
+# runtime.images.*): NVIDIA's Triton image with vLLM, and ours with ONNX Runtime (model_repo/Dockerfile).
+DEFAULT_RUNTIME_IMAGES = {
+    VLLM: f"nvcr.io/nvidia/tritonserver:{TRITON_RELEASE}-vllm-python-py3",
+    ONNXRUNTIME: f"llmserve/triton-onnxruntime:{_installed_version('llmserve')}",
+}
+NVIDIA_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:"
+_VLLM_IMAGE_TAG = re.compile(r"-vllm-python-py3(@sha256:[0-9a-f]{64})?$")
+KIND_GPU, KIND_CPU = "KIND_GPU", "KIND_CPU"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 # Seconds a Deployment may go without progress beyond its model's startup timeout.
 PROGRESS_MARGIN = 300
@@ -117,6 +133,45 @@ class Autoscaling:
         )
 
 
+def image_engine_problem(image: str | None, engine: str) -> str | None:
+    """Why `image` cannot load `engine`, for the images whose contents we know (NVIDIA's Triton
+    tags); None when it can or when we cannot tell (a custom image is the user's word). The CRD
+    refuses the same combinations; this catches objects written before that rule."""
+    if not image or not image.startswith(NVIDIA_TRITON_IMAGE):
+        return None
+    if engine == VLLM and _VLLM_IMAGE_TAG.search(image):
+        return None
+    return (f"image {image} cannot load engine {engine}: of the tritonserver images from NVIDIA only "
+            "<tag>-vllm-python-py3 holds vLLM, and none holds the onnxruntime Python package; leave image "
+            "unset for the default image of the engine (docs/engines.md#images)")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """`spec.runtime.engineSettings`; None = not set (the artifact's engine.json or the engine decides)."""
+
+    tensor_parallel_size: int | None = None
+    max_model_length: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_concurrent_sequences: int | None = None
+    prefix_caching: bool | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+
+    @classmethod
+    def from_spec(cls, section: dict | None) -> EngineSettings:
+        section = section or {}
+        return cls(
+            tensor_parallel_size=section.get("tensorParallelSize"),
+            max_model_length=section.get("maxModelLength"),
+            gpu_memory_utilization=section.get("gpuMemoryUtilization"),
+            max_concurrent_sequences=section.get("maxConcurrentSequences"),
+            prefix_caching=section.get("prefixCaching"),
+            dtype=section.get("dtype"),
+            quantization=section.get("quantization"),
+        )
+
+
 @dataclass(frozen=True)
 class Spec:
     """A typed, defaulted view of one LLMService; built from the object with `Spec.from_object`."""
@@ -130,7 +185,9 @@ class Spec:
     repository: Repository
     sha256: str | None = None
     replicas: int = 1
-    image: str = DEFAULT_TRITON_IMAGE
+    image: str | None = None  # None: the operator's image for the engine (render.Images.runtime)
+    engine: str = DEFAULT_ENGINE
+    engine_settings: EngineSettings = field(default_factory=EngineSettings)
     gpus: int = 1
     gpu_resource: str = DEFAULT_GPU_RESOURCE
     resources: dict = field(default_factory=dict)
@@ -151,6 +208,36 @@ class Spec:
     def revision(self) -> str:
         return revision_name(self.serving)
 
+    @property
+    def instance_kind(self) -> str:
+        """Triton's instance kind for the model: on the GPUs when the pod has any."""
+        return KIND_GPU if self.gpus else KIND_CPU
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """GPUs one vLLM replica spans: as set, else every GPU of the pod (1 without GPUs)."""
+        return self.engine_settings.tensor_parallel_size or max(1, self.gpus)
+
+    @property
+    def engine_args(self) -> dict:
+        """The settings the model reads from its config.pbtxt (`engine_args`), by vLLM's EngineArgs
+        names; only what the spec decides, so the artifact's engine.json supplies the rest. The ONNX
+        engine takes max_model_len and max_num_seqs (the CRD refuses the others for it)."""
+        settings = self.engine_settings
+        args = {
+            "max_model_len": settings.max_model_length,
+            "max_num_seqs": settings.max_concurrent_sequences,
+        }
+        if self.engine == VLLM:
+            args |= {
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": settings.gpu_memory_utilization,
+                "enable_prefix_caching": settings.prefix_caching,
+                "dtype": settings.dtype,
+                "quantization": settings.quantization,
+            }
+        return {key: value for key, value in args.items() if value is not None}
+
     @classmethod
     def from_object(cls, obj: dict, serving: dict | None = None) -> Spec:
         """Raises ValueError for what the CRD cannot express (the message is shown in a condition).
@@ -165,6 +252,9 @@ class Spec:
         if not model.get("name") or not model.get("repository") or not model.get("version"):
             raise ValueError("spec.model needs name, repository and version")
         startup_timeout = parse_duration(runtime.get("startupTimeout") or "10m")
+        engine = runtime.get("engine") or DEFAULT_ENGINE
+        if problem := image_engine_problem(runtime.get("image"), engine):
+            raise ValueError(f"spec.runtime.{problem}")
         rollout = spec.get("rollout") or {}
         return cls(
             name=meta["name"],
@@ -176,7 +266,9 @@ class Spec:
             repository=Repository.parse(model["repository"]),
             sha256=model.get("sha256") or None,
             replicas=int(spec.get("replicas", 1)),
-            image=runtime.get("image") or DEFAULT_TRITON_IMAGE,
+            image=runtime.get("image") or None,
+            engine=engine,
+            engine_settings=EngineSettings.from_spec(runtime.get("engineSettings")),
             gpus=int(runtime.get("gpus", 1)),
             gpu_resource=runtime.get("gpuResourceName") or DEFAULT_GPU_RESOURCE,
             resources=runtime.get("resources") or {},

@@ -1,9 +1,11 @@
 """The pure builder: LLMService spec -> desired children."""
 
+import json
+
 import pytest
 
 from llmserve.operator.render import Images, Tracks, desired_children, puller_command
-from llmserve.operator.spec import Repository, Spec
+from llmserve.operator.spec import DEFAULT_RUNTIME_IMAGES, Repository, Spec, image_engine_problem
 from llmserve.operator.tritoncmd import tritonserver_command
 
 IMAGES = Images(puller="llmserve/llmserve:test", predictor="llmserve/predictor:test")
@@ -129,7 +131,9 @@ def test_puller_fetches_exactly_one_version_and_verifies_the_digest():
                                   "sha256": digest}}, "model-puller")
     assert puller["image"] == IMAGES.puller
     assert puller["command"] == ["llmserve", "pull", "--source", "/repository/model_repo", "--model", "tiny-gpt",
-                                 "--version", "3", "--dest", "/models", "--sha256", digest]
+                                 "--version", "3", "--dest", "/models", "--engine", "vllm",
+                                 "--instance-kind", "KIND_GPU", "--engine-args", '{"tensor_parallel_size":1}',
+                                 "--sha256", digest]
     volumes = {v["name"]: v for v in pod()["volumes"]}
     assert volumes["repository"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 
@@ -180,3 +184,90 @@ def test_a_rollout_renders_both_revisions_and_points_each_track_service_at_its_o
     assert kids["Service", "chat-stable"]["spec"]["selector"]["llmserve.io/revision"] == stable.revision
     assert kids["Service", "chat-canary"]["spec"]["selector"]["llmserve.io/revision"] == canary.revision
     assert kids["Service", "chat"]["spec"]["selector"] == {"llmserve.io/service": "chat"}  # both tracks
+
+
+# -- engines (issue 10) ------------------------------------------------------------------------
+
+
+def pull_flags(spec=None):
+    """The puller's --flag value pairs after --dest (what reaches the pulled config.pbtxt)."""
+    argv = puller_command(make(spec))
+    tail = argv[argv.index("--dest") + 2:]
+    return dict(zip(tail[::2], tail[1::2]))
+
+
+def test_gpu_pods_run_the_model_on_the_gpu_and_cpu_pods_on_the_cpu():
+    gpu, cpu = pull_flags({"runtime": {"gpus": 2}}), pull_flags({"runtime": {"gpus": 0}})
+    assert gpu["--instance-kind"] == "KIND_GPU" and cpu["--instance-kind"] == "KIND_CPU"
+    assert "nvidia.com/gpu" not in container({"runtime": {"gpus": 0}}, "tritonserver").get("resources", {}).get(
+        "limits", {})
+
+
+def test_tensor_parallelism_defaults_to_every_gpu_of_the_pod():
+    assert json.loads(pull_flags({"runtime": {"gpus": 4}})["--engine-args"]) == {"tensor_parallel_size": 4}
+    assert json.loads(pull_flags({"runtime": {"gpus": 0}})["--engine-args"]) == {"tensor_parallel_size": 1}
+    two = {"runtime": {"gpus": 4, "engineSettings": {"tensorParallelSize": 2}}}
+    assert json.loads(pull_flags(two)["--engine-args"]) == {"tensor_parallel_size": 2}
+
+
+def test_engine_settings_reach_the_puller_by_vllm_names():
+    settings = {"maxModelLength": 4096, "gpuMemoryUtilization": 0.85, "maxConcurrentSequences": 64,
+                "prefixCaching": False, "dtype": "bfloat16", "quantization": "fp8"}
+    flags = pull_flags({"runtime": {"gpus": 1, "engineSettings": settings}})
+    assert flags["--engine"] == "vllm"
+    assert json.loads(flags["--engine-args"]) == {
+        "max_model_len": 4096, "gpu_memory_utilization": 0.85, "max_num_seqs": 64, "enable_prefix_caching": False,
+        "dtype": "bfloat16", "quantization": "fp8", "tensor_parallel_size": 1}
+
+
+def test_onnxruntime_gets_only_its_settings_and_no_tensor_parallelism():
+    flags = pull_flags({"runtime": {"engine": "onnxruntime", "gpus": 2,
+                                    "engineSettings": {"maxConcurrentSequences": 8}}})
+    assert flags["--engine"] == "onnxruntime"
+    assert json.loads(flags["--engine-args"]) == {"max_num_seqs": 8}
+    assert "--engine-args" not in pull_flags({"runtime": {"engine": "onnxruntime"}})
+
+
+def test_engine_settings_are_part_of_the_revision():
+    assert make().revision != make({"runtime": {"engineSettings": {"maxConcurrentSequences": 8}}}).revision
+    assert make().revision != make({"runtime": {"engine": "onnxruntime"}}).revision
+
+
+def test_default_image_follows_the_engine_and_an_explicit_image_wins():
+    assert container(None, "tritonserver")["image"] == DEFAULT_RUNTIME_IMAGES["vllm"]
+    assert DEFAULT_RUNTIME_IMAGES["vllm"].endswith("-vllm-python-py3")
+    onnx = container({"runtime": {"engine": "onnxruntime"}}, "tritonserver")
+    assert onnx["image"] == DEFAULT_RUNTIME_IMAGES["onnxruntime"]
+    assert container({"runtime": {"image": "registry.example/triton:1"}}, "tritonserver")["image"] == (
+        "registry.example/triton:1")
+    ours = Images(puller="p", predictor="q", runtime={"vllm": "mirror/vllm:1", "onnxruntime": "mirror/ort:1"})
+    triton = desired_children(make({"runtime": {"engine": "onnxruntime"}}), ours)[0]
+    assert triton["spec"]["template"]["spec"]["containers"][0]["image"] == "mirror/ort:1"
+
+
+@pytest.mark.parametrize("image,engine,loads", [
+    ("nvcr.io/nvidia/tritonserver:25.08-vllm-python-py3", "vllm", True),
+    ("nvcr.io/nvidia/tritonserver:25.08-vllm-python-py3@sha256:" + "0" * 64, "vllm", True),
+    ("nvcr.io/nvidia/tritonserver:25.08-py3", "vllm", False),
+    ("nvcr.io/nvidia/tritonserver:25.08-trtllm-python-py3", "vllm", False),
+    ("nvcr.io/nvidia/tritonserver:25.08-py3", "onnxruntime", False),
+    ("nvcr.io/nvidia/tritonserver:25.08-vllm-python-py3", "onnxruntime", False),
+    ("llmserve/triton-onnxruntime:0.1.0", "onnxruntime", True),
+    ("registry.example/custom-triton:1", "vllm", True),  # a custom image is the user's word
+])
+def test_images_that_cannot_load_the_engine_are_refused(image, engine, loads):
+    assert (image_engine_problem(image, engine) is None) is loads
+    if not loads:
+        with pytest.raises(ValueError, match=f"cannot load engine {engine}.*docs/engines.md"):
+            make({"runtime": {"image": image, "engine": engine}})
+
+
+def test_shm_is_sized_for_tensor_parallelism():
+    def shm(runtime):
+        return {v["name"]: v for v in pod({"runtime": runtime})["volumes"]}["dshm"]["emptyDir"]["sizeLimit"]
+
+    assert shm({"gpus": 1}) == "256Mi"
+    assert shm({"gpus": 4}) == "4Gi"
+    assert shm({"gpus": 4, "engineSettings": {"tensorParallelSize": 2}}) == "2Gi"
+    assert shm({"gpus": 4, "shmSize": "8Gi"}) == "8Gi"  # more than the floor stays as asked
+    assert shm({"gpus": 4, "engine": "onnxruntime"}) == "256Mi"  # no tensor parallelism
