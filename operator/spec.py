@@ -49,7 +49,7 @@ DEFAULT_RUNTIME_IMAGES = {
 }
 NVIDIA_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:"
 _VLLM_IMAGE_TAG = re.compile(r"-vllm-python-py3(@sha256:[0-9a-f]{64})?$")
-KIND_GPU, KIND_CPU = "KIND_GPU", "KIND_CPU"
+KIND_GPU, KIND_CPU, KIND_MODEL = "KIND_GPU", "KIND_CPU", "KIND_MODEL"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 # Seconds a Deployment may go without progress beyond its model's startup timeout.
 PROGRESS_MARGIN = 300
@@ -90,20 +90,22 @@ def pod_selector(service: str) -> str:
 
 @dataclass(frozen=True)
 class Repository:
-    """Where the model repository lives: a PVC sub-path, or a host directory (test bed only)."""
+    """Where the model repository lives: a sub-path of a PersistentVolumeClaim in the service's
+    namespace. Host paths are refused: a tenant must never mount a node's directories."""
 
-    scheme: str  # "pvc" or "file"
-    path: str  # sub-path inside the claim (may be ""), or an absolute host path
-    claim: str = ""
+    claim: str
+    path: str = ""  # relative path inside the claim, "" for its root
 
     @classmethod
     def parse(cls, uri: str) -> Repository:
+        """The CRD refuses anything else; this repeats the check for objects stored before it did."""
         parts = urlsplit(uri)
-        if parts.scheme == "pvc" and parts.netloc:
-            return cls("pvc", parts.path.strip("/"), claim=parts.netloc)
-        if parts.scheme == "file" and not parts.netloc and parts.path.startswith("/"):
-            return cls("file", parts.path.rstrip("/") or "/")
-        raise ValueError(f"unsupported repository {uri!r}: use pvc://<claim>/<path> or file:///<path>")
+        segments = [s for s in parts.path.split("/") if s]
+        if parts.scheme != "pvc" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"unsupported repository {uri!r}: use pvc://<claim>/<path>")
+        if any(s in (".", "..") for s in segments):
+            raise ValueError(f"repository {uri!r}: the path must stay inside the claim (no '.' or '..')")
+        return cls(parts.netloc, "/".join(segments))
 
 
 @dataclass(frozen=True)
@@ -210,8 +212,12 @@ class Spec:
 
     @property
     def instance_kind(self) -> str:
-        """Triton's instance kind for the model: on the GPUs when the pod has any."""
-        return KIND_GPU if self.gpus else KIND_CPU
+        """Triton's instance kind for the model: on the GPUs when the pod has any. KIND_GPU starts
+        one instance per GPU (data parallel: right for ONNX Runtime); vLLM spreads one instance over
+        the GPUs itself, so it gets KIND_MODEL (as Triton's vllm_backend does)."""
+        if not self.gpus:
+            return KIND_CPU
+        return KIND_MODEL if self.engine == VLLM else KIND_GPU
 
     @property
     def tensor_parallel_size(self) -> int:

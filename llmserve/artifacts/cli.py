@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..cli import CommandError
-from .manifest import ManifestError, pull, verify_version
+from .manifest import ENGINE_MARKERS, INSTANCE_KINDS, ManifestError, Serving, pull, verify_version
 from .repository import PublishError, ServingConfig
 
 
@@ -63,6 +63,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pull_cmd.add_argument("--version", type=_positive, required=True)
     pull_cmd.add_argument("--sha256", help="expected sha256 of the version's manifest.json")
     pull_cmd.add_argument("--dest", type=Path, required=True, help="destination model repository")
+    pull_cmd.add_argument("--engine", choices=sorted(set(ENGINE_MARKERS.values())),
+                          help="refuse a version built for another engine")
+    pull_cmd.add_argument("--instance-kind", choices=INSTANCE_KINDS,
+                          help="Triton instance kind to write into the installed config.pbtxt")
+    pull_cmd.add_argument("--engine-args", type=_json_object, default={}, metavar="JSON",
+                          help="engine settings (a JSON object) to write into the installed config.pbtxt as "
+                               "parameter engine_args")
     pull_cmd.set_defaults(func=_pull)
 
 
@@ -74,6 +81,16 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return number
+
+
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"max_model_len\": 2048}'")
+    return parsed
 
 
 def _params(pairs: list[str]) -> dict[str, str]:
@@ -129,7 +146,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _pull(args: argparse.Namespace) -> int:
     try:
-        manifest = pull(args.source, args.model, args.version, args.dest, args.sha256)
+        manifest = pull(args.source, args.model, args.version, args.dest, args.sha256,
+                        Serving(engine=args.engine, instance_kind=args.instance_kind, engine_args=args.engine_args))
     except ManifestError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -140,26 +141,70 @@ def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+# The file that tells which engine a version was built for (`llmserve build`).
+ENGINE_MARKERS = {"engine.json": "vllm", "artifact.json": "onnxruntime"}
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_MODEL")
+ENGINE_ARGS_PARAMETER = "engine_args"
+_INSTANCE_GROUP = re.compile(r"instance_group\s*\[\s*\{[^{}\[\]]*\}\s*\]")
+_ENGINE_ARGS = re.compile(
+    r'parameters\s*:?\s*\{\s*key:\s*"' + ENGINE_ARGS_PARAMETER + r'"\s*value\s*:?\s*\{\s*'
+    r'string_value:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\}\n?')
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How this pod serves the version (the operator's rendering of spec.runtime), written into
+    the pulled copy's model-level config.pbtxt; the version's own config stays as published."""
+
+    engine: str | None = None  # refuse a version built for another engine
+    instance_kind: str | None = None  # KIND_CPU | KIND_GPU | KIND_MODEL
+    engine_args: dict = field(default_factory=dict)  # JSON for the model's `engine_args` parameter
+
+    def configure(self, config: str) -> str:
+        """`config` (a config.pbtxt) with this instance kind and these engine args."""
+        if self.instance_kind:
+            current = _INSTANCE_GROUP.search(config)
+            count = re.search(r"count:\s*(\d+)", current.group(0)) if current else None
+            group = f"instance_group [{{ kind: {self.instance_kind}, count: {count.group(1) if count else 1} }}]"
+            config = (config[:current.start()] + group + config[current.end():] if current
+                      else config.rstrip("\n") + "\n" + group + "\n")
+        if self.engine_args:
+            text = json.dumps(self.engine_args, sort_keys=True).replace("\\", "\\\\").replace('"', '\\"')
+            config = _ENGINE_ARGS.sub("", config).rstrip("\n") + (
+                f'\nparameters {{ key: "{ENGINE_ARGS_PARAMETER}" value {{ string_value: "{text}" }} }}\n')
+        return config
+
+    def check_engine(self, src: Path, manifest: Manifest) -> None:
+        built = {engine for marker, engine in ENGINE_MARKERS.items() if marker in manifest.files}
+        if self.engine and built and self.engine not in built:
+            raise ManifestError(
+                f"{src}: this version was built for engine {', '.join(sorted(built))}, but the service asks for "
+                f"engine {self.engine}: set spec.runtime.engine to {', '.join(sorted(built))} (docs/engines.md)")
+
+
 def pull(source_repo: Path, model: str, version: int, dest_repo: Path,
-         expected_sha256: str | None = None) -> Manifest:
+         expected_sha256: str | None = None, serving: Serving | None = None) -> Manifest:
     """Install `<source_repo>/<model>/<version>/` into `<dest_repo>/<model>/`, as the model
     puller does before tritonserver starts.
 
     Every file is verified while it is copied into a staging directory inside `dest_repo`, which
     is renamed into place only when everything matched: a failed pull leaves nothing behind. The
-    version's own config.pbtxt becomes the model's config.pbtxt. An already installed, intact
-    copy of the same manifest is kept (init containers may run more than once).
+    version's own config.pbtxt, configured by `serving`, becomes the model's config.pbtxt. An
+    already installed, intact copy of the same manifest and configuration is kept (init containers
+    may run more than once).
     """
+    serving = serving or Serving()
     src = source_repo / model / str(version)
     manifest = read_manifest(src, expected_sha256)
     if VERSION_CONFIG not in manifest.files:
         raise ManifestError(f"{src}: the manifest lists no {VERSION_CONFIG}")
+    serving.check_engine(src, manifest)
     final = dest_repo / model
     installed = final / str(version)
     if installed.is_dir():
         try:
-            if verify_version(installed, manifest.sha256) and _same_bytes(
-                final / VERSION_CONFIG, installed / VERSION_CONFIG
+            if verify_version(installed, manifest.sha256) and (final / VERSION_CONFIG).is_file() and (
+                (final / VERSION_CONFIG).read_text() == serving.configure((installed / VERSION_CONFIG).read_text())
             ):
                 return manifest
         except ManifestError:
@@ -181,14 +226,10 @@ def pull(source_repo: Path, model: str, version: int, dest_repo: Path,
         if problems:
             raise ManifestError(f"{src}: " + "; ".join(problems))
         shutil.copyfile(src / MANIFEST, target / MANIFEST)
-        shutil.copyfile(target / VERSION_CONFIG, staging / model / VERSION_CONFIG)
+        (staging / model / VERSION_CONFIG).write_text(serving.configure((target / VERSION_CONFIG).read_text()))
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging / model, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
-
-
-def _same_bytes(a: Path, b: Path) -> bool:
-    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()

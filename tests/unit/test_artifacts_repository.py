@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmserve.artifacts import gate
-from llmserve.artifacts.manifest import ManifestError, pull, verify_version, write_manifest
+from llmserve.artifacts.manifest import ManifestError, Serving, pull, verify_version, write_manifest
 from llmserve.artifacts.repository import (
     KINDS,
     SHIPPED_REPO,
@@ -112,6 +112,50 @@ def test_pull_installs_the_version_and_its_own_config(tmp_path):
     verify_version(dest / "m" / "1", sha)
 
 
+def test_pull_configures_the_installed_copy_for_this_pod(tmp_path):
+    """Instance kind and engine args reach the model-level config.pbtxt; the version stays as
+    published (its manifest still verifies) and a re-run with the same settings keeps the copy."""
+    repo, _, sha = _published(tmp_path)
+    dest = tmp_path / "dest"
+    args = {"max_model_len": 2048, "stop": 'quote " and \\ backslash'}
+    serving = Serving(engine="onnxruntime", instance_kind="KIND_GPU", engine_args=args)
+    pull(repo, "m", 1, dest, sha, serving)
+    config = (dest / "m" / "config.pbtxt").read_text()
+    assert "instance_group [{ kind: KIND_GPU, count: 1 }]" in config and "KIND_CPU" not in config
+    [line] = [line for line in config.splitlines() if '"engine_args"' in line]
+    escaped = json.dumps(args, sort_keys=True).replace("\\", "\\\\").replace('"', '\\"')
+    assert line == f'parameters {{ key: "engine_args" value {{ string_value: "{escaped}" }} }}'
+    verify_version(dest / "m" / "1", sha)
+    stamp = (dest / "m" / "1" / "model.onnx").stat().st_ino
+    pull(repo, "m", 1, dest, sha, serving)  # init container restart: nothing copied again
+    assert (dest / "m" / "1" / "model.onnx").stat().st_ino == stamp
+    # Other settings replace the earlier ones instead of adding a second parameter.
+    pull(repo, "m", 1, dest, sha, Serving(instance_kind="KIND_CPU", engine_args={"max_num_seqs": 4}))
+    config = (dest / "m" / "config.pbtxt").read_text()
+    assert config.count("engine_args") == 1 and "max_num_seqs" in config and "KIND_CPU" in config
+
+
+def test_serving_configure_keeps_the_instance_count_and_replaces_engine_args():
+    config = ('name: "v"\ninstance_group [{ kind: KIND_CPU, count: 3 }]\n'
+              'parameters { key: "engine_args" value { string_value: "{\\"dtype\\": \\"auto\\"}" } }\n'
+              'parameters { key: "other" value { string_value: "{}" } }\n')
+    out = Serving(instance_kind="KIND_MODEL", engine_args={"dtype": "bfloat16"}).configure(config)
+    assert "instance_group [{ kind: KIND_MODEL, count: 3 }]" in out
+    assert out.count('"engine_args"') == 1 and "bfloat16" in out and '"other"' in out
+    assert Serving().configure(config) == config
+
+
+def test_pull_refuses_a_version_built_for_another_engine(tmp_path):
+    repo, _, sha = _published(tmp_path)
+    staged, _ = _stage(repo, payload=b"v2")
+    (staged / "artifact.json").write_text("{}")  # an ONNX Runtime artifact
+    write_manifest(staged, {"model": "m"})
+    publish(staged, repo, "m")
+    with pytest.raises(ManifestError, match="built for engine onnxruntime.*spec.runtime.engine to onnxruntime"):
+        pull(repo, "m", 2, tmp_path / "dest", serving=Serving(engine="vllm"))
+    pull(repo, "m", 2, tmp_path / "dest", serving=Serving(engine="onnxruntime"))
+
+
 @pytest.mark.parametrize("damage", ["flip", "wrong-digest"])
 def test_pull_refuses_and_leaves_nothing(tmp_path, damage):
     repo, version, sha = _published(tmp_path)
@@ -137,6 +181,13 @@ def test_verify_and_pull_commands(tmp_path):
     pulled = _cli("pull", "--source", repo, "--model", "m", "--version", 1, "--sha256", sha,
                   "--dest", tmp_path / "dest")
     assert pulled.returncode == 0, pulled.stderr
+    configured = _cli("pull", "--source", repo, "--model", "m", "--version", 1, "--dest", tmp_path / "dest3",
+                      "--instance-kind", "KIND_GPU", "--engine-args", '{"max_num_seqs": 8}')
+    assert configured.returncode == 0, configured.stderr
+    assert "KIND_GPU" in (tmp_path / "dest3" / "m" / "config.pbtxt").read_text()
+    not_json = _cli("pull", "--source", repo, "--model", "m", "--version", 1, "--dest", tmp_path / "dest4",
+                    "--engine-args", "[1]")
+    assert not_json.returncode == 2 and "must be a JSON object" in not_json.stderr
 
     (repo / "m" / "1" / "model.onnx").write_bytes(b"weightz")
     bad = _cli("verify", repo, "m", version)

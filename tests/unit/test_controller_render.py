@@ -132,18 +132,17 @@ def test_puller_fetches_exactly_one_version_and_verifies_the_digest():
     assert puller["image"] == IMAGES.puller
     assert puller["command"] == ["llmserve", "pull", "--source", "/repository/model_repo", "--model", "tiny-gpt",
                                  "--version", "3", "--dest", "/models", "--engine", "vllm",
-                                 "--instance-kind", "KIND_GPU", "--engine-args", '{"tensor_parallel_size":1}',
+                                 "--instance-kind", "KIND_MODEL", "--engine-args", '{"tensor_parallel_size":1}',
                                  "--sha256", digest]
     volumes = {v["name"]: v for v in pod()["volumes"]}
     assert volumes["repository"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 
 
-def test_file_repositories_mount_the_host_directory():
-    spec = make({"model": {"name": "m", "repository": "file:///srv/repo", "version": 1}})
+def test_the_claim_root_is_the_repository_when_the_uri_has_no_path():
+    spec = make({"model": {"name": "m", "repository": "pvc://models", "version": 1}})
     assert puller_command(spec)[:4] == ["llmserve", "pull", "--source", "/repository"]
-    deployment = desired_children(spec, IMAGES)[0]
-    volume = deployment["spec"]["template"]["spec"]["volumes"][0]
-    assert volume == {"name": "repository", "hostPath": {"path": "/srv/repo", "type": "Directory"}}
+    volume = desired_children(spec, IMAGES)[0]["spec"]["template"]["spec"]["volumes"][0]
+    assert volume == {"name": "repository", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
 
 
 def test_predictor_sidecar_contract():
@@ -159,17 +158,24 @@ def test_rendering_is_deterministic():
 
 
 @pytest.mark.parametrize("uri,expected", [
-    ("pvc://models/model_repo", Repository("pvc", "model_repo", claim="models")),
-    ("pvc://models", Repository("pvc", "", claim="models")),
-    ("file:///srv/repo/", Repository("file", "/srv/repo")),
+    ("pvc://models/model_repo", Repository("models", "model_repo")),
+    ("pvc://models/a/b/", Repository("models", "a/b")),
+    ("pvc://models", Repository("models")),
 ])
 def test_repository_uris(uri, expected):
     assert Repository.parse(uri) == expected
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/repo", "file://host/repo", "/srv/repo", "pvc:///x"])
+@pytest.mark.parametrize("uri", ["s3://bucket/repo", "file:///srv/repo", "file://host/repo", "/srv/repo", "pvc:///x",
+                                 "hostpath:///var/lib"])
 def test_unsupported_repository_uris(uri):
     with pytest.raises(ValueError, match="unsupported repository"):
+        Repository.parse(uri)
+
+
+@pytest.mark.parametrize("uri", ["pvc://models/../../etc", "pvc://models/a/..", "pvc://models/./a"])
+def test_repository_paths_stay_inside_the_claim(uri):
+    with pytest.raises(ValueError, match="inside the claim"):
         Repository.parse(uri)
 
 
@@ -198,7 +204,11 @@ def pull_flags(spec=None):
 
 def test_gpu_pods_run_the_model_on_the_gpu_and_cpu_pods_on_the_cpu():
     gpu, cpu = pull_flags({"runtime": {"gpus": 2}}), pull_flags({"runtime": {"gpus": 0}})
-    assert gpu["--instance-kind"] == "KIND_GPU" and cpu["--instance-kind"] == "KIND_CPU"
+    # vLLM: one model instance spread over the pod's GPUs, as Triton's vllm_backend does.
+    assert gpu["--instance-kind"] == "KIND_MODEL" and cpu["--instance-kind"] == "KIND_CPU"
+    # ONNX Runtime: one instance per GPU.
+    assert pull_flags({"runtime": {"gpus": 2, "engine": "onnxruntime"}})["--instance-kind"] == "KIND_GPU"
+    assert pull_flags({"runtime": {"gpus": 0, "engine": "onnxruntime"}})["--instance-kind"] == "KIND_CPU"
     assert "nvidia.com/gpu" not in container({"runtime": {"gpus": 0}}, "tritonserver").get("resources", {}).get(
         "limits", {})
 
