@@ -97,8 +97,8 @@ def _http_probe(path: str, port: str, period: int, failures: int, timeout: int =
 
 def puller_command(spec: Spec) -> list[str]:
     """`llmserve pull`: copy exactly one version into /models and verify it against its manifest."""
-    source = f"{REPOSITORY_DIR}/{spec.repository.path}" if spec.repository.scheme == "pvc" else REPOSITORY_DIR
-    cmd = ["llmserve", "pull", "--source", source.rstrip("/"), "--model", spec.model,
+    source = f"{REPOSITORY_DIR}/{spec.repository.path}".rstrip("/")
+    cmd = ["llmserve", "pull", "--source", source, "--model", spec.model,
            "--version", str(spec.version), "--dest", MODELS_DIR,
            # The pulled copy's config.pbtxt carries how this pod runs the model (docs/engines.md).
            "--engine", spec.engine, "--instance-kind", spec.instance_kind]
@@ -108,18 +108,17 @@ def puller_command(spec: Spec) -> list[str]:
 
 
 def shm_size(spec: Spec) -> str:
-    """/dev/shm as asked, but at least 1Gi per GPU a vLLM replica is sharded over."""
-    if spec.engine != VLLM or spec.tensor_parallel_size < 2:
+    """/dev/shm as asked, but at least 1Gi per GPU of the pod when a vLLM replica is sharded over
+    several GPUs (its workers on this pod exchange activations through it)."""
+    if spec.engine != VLLM or spec.parallelism.gpus_per_replica < 2 or spec.gpus < 1:
         return spec.shm_size
-    floor = spec.tensor_parallel_size * SHM_PER_PARALLEL_GPU
-    return spec.shm_size if parse_quantity(spec.shm_size) >= floor else f"{spec.tensor_parallel_size}Gi"
+    floor = spec.gpus * SHM_PER_PARALLEL_GPU
+    return spec.shm_size if parse_quantity(spec.shm_size) >= floor else f"{spec.gpus}Gi"
 
 
 def _repository_volume(spec: Spec) -> dict:
-    if spec.repository.scheme == "pvc":
-        return {"name": "repository",
-                "persistentVolumeClaim": {"claimName": spec.repository.claim, "readOnly": True}}
-    return {"name": "repository", "hostPath": {"path": spec.repository.path, "type": "Directory"}}
+    """The model repository's claim, read-only: the puller copies one version out of it."""
+    return {"name": "repository", "persistentVolumeClaim": {"claimName": spec.repository.claim, "readOnly": True}}
 
 
 def triton_container(spec: Spec, images: Images) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version as _installed_version
 from urllib.parse import urlsplit
 
+from .parallelism import Parallelism
 from .rollout import SERVING_FIELDS, Policy, revision_name, serving_spec
 from .units import parse_duration
 
@@ -152,7 +153,6 @@ def image_engine_problem(image: str | None, engine: str) -> str | None:
 class EngineSettings:
     """`spec.runtime.engineSettings`; None = not set (the artifact's engine.json or the engine decides)."""
 
-    tensor_parallel_size: int | None = None
     max_model_length: int | None = None
     gpu_memory_utilization: float | None = None
     max_concurrent_sequences: int | None = None
@@ -164,7 +164,6 @@ class EngineSettings:
     def from_spec(cls, section: dict | None) -> EngineSettings:
         section = section or {}
         return cls(
-            tensor_parallel_size=section.get("tensorParallelSize"),
             max_model_length=section.get("maxModelLength"),
             gpu_memory_utilization=section.get("gpuMemoryUtilization"),
             max_concurrent_sequences=section.get("maxConcurrentSequences"),
@@ -190,6 +189,7 @@ class Spec:
     image: str | None = None  # None: the operator's image for the engine (render.Images.runtime)
     engine: str = DEFAULT_ENGINE
     engine_settings: EngineSettings = field(default_factory=EngineSettings)
+    parallelism: Parallelism = field(default_factory=Parallelism)  # spec.runtime.parallelism
     gpus: int = 1
     gpu_resource: str = DEFAULT_GPU_RESOURCE
     resources: dict = field(default_factory=dict)
@@ -221,8 +221,9 @@ class Spec:
 
     @property
     def tensor_parallel_size(self) -> int:
-        """GPUs one vLLM replica spans: as set, else every GPU of the pod (1 without GPUs)."""
-        return self.engine_settings.tensor_parallel_size or max(1, self.gpus)
+        """GPUs each layer is split over (spec.runtime.parallelism.tensor): as set, else every GPU
+        of the replica (1 without GPUs)."""
+        return self.parallelism.tensor
 
     @property
     def engine_args(self) -> dict:
@@ -236,7 +237,7 @@ class Spec:
         }
         if self.engine == VLLM:
             args |= {
-                "tensor_parallel_size": self.tensor_parallel_size,
+                **self.parallelism.engine_args(),
                 "gpu_memory_utilization": settings.gpu_memory_utilization,
                 "enable_prefix_caching": settings.prefix_caching,
                 "dtype": settings.dtype,
@@ -275,6 +276,7 @@ class Spec:
             image=runtime.get("image") or None,
             engine=engine,
             engine_settings=EngineSettings.from_spec(runtime.get("engineSettings")),
+            parallelism=Parallelism.from_runtime(runtime),
             gpus=int(runtime.get("gpus", 1)),
             gpu_resource=runtime.get("gpuResourceName") or DEFAULT_GPU_RESOURCE,
             resources=runtime.get("resources") or {},

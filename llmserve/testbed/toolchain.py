@@ -28,6 +28,7 @@ ETCD_VERSION = "v3.5.21"
 KWOK_VERSION = "v0.7.0"
 HELM_VERSION = "v3.18.6"
 PROMETHEUS_ADAPTER_VERSION = "v0.12.0"
+LWS_VERSION = "v0.7.0"
 
 _K8S_MINOR = KUBERNETES_VERSION.lstrip("v").split(".")[1]
 _K8S_STAMP = " ".join(
@@ -122,6 +123,16 @@ PROMETHEUS_ADAPTER = GoComponent(
     module="sigs.k8s.io/prometheus-adapter",
     version=PROMETHEUS_ADAPTER_VERSION,
     commands={"prometheus-adapter": "sigs.k8s.io/prometheus-adapter/cmd/adapter"},
+)
+
+# The LeaderWorkerSet controller (with its webhooks) that multi-node LLMServices render into
+# (docs/distributed.md). Built lazily like the adapter: only the distributed tests start it.
+LWS = GoComponent(
+    name="lws",
+    module="sigs.k8s.io/lws",
+    version=LWS_VERSION,
+    commands={"lws-controller": "sigs.k8s.io/lws/cmd"},
+    ldflags=f"-X sigs.k8s.io/lws/pkg/version.GitVersion={LWS_VERSION}",
 )
 
 COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM)

@@ -216,8 +216,8 @@ def test_gpu_pods_run_the_model_on_the_gpu_and_cpu_pods_on_the_cpu():
 def test_tensor_parallelism_defaults_to_every_gpu_of_the_pod():
     assert json.loads(pull_flags({"runtime": {"gpus": 4}})["--engine-args"]) == {"tensor_parallel_size": 4}
     assert json.loads(pull_flags({"runtime": {"gpus": 0}})["--engine-args"]) == {"tensor_parallel_size": 1}
-    two = {"runtime": {"gpus": 4, "engineSettings": {"tensorParallelSize": 2}}}
-    assert json.loads(pull_flags(two)["--engine-args"]) == {"tensor_parallel_size": 2}
+    two = {"runtime": {"gpus": 4, "parallelism": {"tensor": 2, "pipeline": 2}}}
+    assert json.loads(pull_flags(two)["--engine-args"]) == {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}
 
 
 def test_engine_settings_reach_the_puller_by_vllm_names():
@@ -278,6 +278,7 @@ def test_shm_is_sized_for_tensor_parallelism():
 
     assert shm({"gpus": 1}) == "256Mi"
     assert shm({"gpus": 4}) == "4Gi"
-    assert shm({"gpus": 4, "engineSettings": {"tensorParallelSize": 2}}) == "2Gi"
+    assert shm({"gpus": 4, "parallelism": {"tensor": 2, "pipeline": 2}}) == "4Gi"  # every GPU of the pod
+    assert shm({"gpus": 2, "parallelism": {"nodes": 2}}) == "2Gi"  # the pod's share of a 4-GPU replica
     assert shm({"gpus": 4, "shmSize": "8Gi"}) == "8Gi"  # more than the floor stays as asked
     assert shm({"gpus": 4, "engine": "onnxruntime"}) == "256Mi"  # no tensor parallelism
