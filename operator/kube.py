@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -40,8 +41,10 @@ PLURALS = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkersets",
 }
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+FIELD_MANAGER = "llmserve-operator"
 
 
 class ConfigError(Exception):
@@ -51,14 +54,35 @@ class ConfigError(Exception):
 class ApiError(Exception):
     """A non-2xx answer from the API server, with the server's own Status reason and message."""
 
-    def __init__(self, status: int, reason: str, message: str, method: str, path: str):
+    def __init__(self, status: int, reason: str, message: str, method: str, path: str,
+                 retry_after: float | None = None):
         super().__init__(f"{method} {path}: {status} {reason}: {message}")
         self.status, self.reason, self.message = status, reason, message
+        self.retry_after = retry_after  # seconds, from the server's Retry-After header
 
     @property
     def retryable(self) -> bool:
         """Conflicts, throttling and server-side failures are worth retrying; a 4xx is not."""
         return self.status in (409, 429) or self.status >= 500
+
+    @property
+    def refused(self) -> bool:
+        """The API server will not take this write as it stands (invalid, forbidden, unknown kind):
+        retrying it unchanged cannot help, and the cause belongs in the LLMService's status."""
+        return not self.retryable and self.status >= 400
+
+
+class NotLeading(Exception):
+    """A write attempted after this replica lost (or released) the leader lease: refused locally,
+    so two replicas never write the same objects."""
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """The Retry-After header as seconds (the API server sends delta-seconds), or None."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -193,12 +217,14 @@ class RequestStats:
 class KubeClient:
     """Async JSON requests against one API server. Use as `async with KubeClient(config) as c`."""
 
-    def __init__(self, config: ClusterConfig, *, field_manager: str = "llmserve-operator",
+    def __init__(self, config: ClusterConfig, *, field_manager: str = FIELD_MANAGER,
                  timeout: float = 30.0, user_agent: str = "llmserve-operator", max_inflight: int = 16):
         self.config = config
         self.field_manager = field_manager
         self.stats = RequestStats()
         self.recent = Recent()  # shared by scoped() views: what this operator wrote
+        # Writes are refused while this returns False (leader election sets it; scoped() views share it).
+        self.may_write: Callable[[], bool] = lambda: True
         self._outer_stats: tuple[RequestStats, ...] = ()
         self._timeout = timeout
         self._max_inflight = max_inflight
@@ -230,13 +256,15 @@ class KubeClient:
         return view
 
     async def request(self, method: str, path: str, *, body: Any = None, params: dict | None = None,
-                      content_type: str = "application/json") -> dict:
+                      content_type: str = "application/json", extra_headers: dict | None = None) -> dict:
         """One request; returns the decoded JSON body or raises ApiError (or a network error)."""
         import aiohttp
 
+        if method in WRITE_VERBS and not self.may_write():
+            raise NotLeading(f"{method} {path}: not the leader (lease lost or released)")
         for stats in (self.stats, *self._outer_stats):
             stats.by_verb[method] += 1
-        headers = {"Content-Type": content_type}
+        headers = {"Content-Type": content_type, **(extra_headers or {})}
         if token := self.config.bearer():
             headers["Authorization"] = f"Bearer {token}"
         data = None if body is None else json.dumps(body)
@@ -249,7 +277,8 @@ class KubeClient:
         payload = json.loads(text) if text and text.lstrip().startswith("{") else {}
         if resp.status >= 400:
             raise ApiError(resp.status, payload.get("reason") or resp.reason or "",
-                           payload.get("message") or text.strip(), method, path)
+                           payload.get("message") or text.strip(), method, path,
+                           retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
         return payload
 
     async def get(self, path: str, params: dict | None = None) -> dict | None:
@@ -264,7 +293,8 @@ class KubeClient:
     async def apply(self, obj: dict, subresource: str | None = None, *, replacing: dict | None = None) -> dict:
         """Server-side apply `obj` under our field manager, taking over conflicting fields.
         `replacing`: the object as observed before, so `recent` can stand in for the watch until
-        it delivers the result."""
+        it delivers the result. A `metadata.resourceVersion` in `obj` makes the write conditional
+        (409 Conflict if the object changed since)."""
         result = await self.request(
             "PATCH", object_path(obj, subresource), body=obj,
             params={"fieldManager": self.field_manager, "force": "true"},
@@ -274,20 +304,40 @@ class KubeClient:
             self.recent.remember(replacing, result)
         return result
 
-    async def delete(self, obj: dict) -> None:
-        """Delete exactly this object (uid precondition), letting the garbage collector cascade."""
+    async def delete(self, obj: dict) -> bool:
+        """Delete exactly this object (uid precondition), letting the garbage collector cascade.
+        Returns False when it was already gone (or replaced by another object of the same name)."""
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
                 "preconditions": {"uid": obj["metadata"]["uid"]}}
         try:
             await self.request("DELETE", object_path(obj), body=body)
         except ApiError as exc:
-            if exc.status != 404:
-                raise
+            if exc.status == 404 or (exc.status == 409 and "Precondition" in exc.message):
+                return False
+            raise
+        finally:
+            self.recent.drop(obj)
+        return True
 
-    async def create(self, obj: dict) -> dict:
+    async def create(self, obj: dict, *, remember: bool = False) -> dict:
+        """POST `obj`; 409 AlreadyExists if the name is taken. `remember`: let `recent` stand in
+        for the watch until it delivers the new object."""
         meta = obj["metadata"]
-        return await self.request("POST", resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace")),
-                                  body=obj, params={"fieldManager": self.field_manager})
+        result = await self.request("POST", resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace")),
+                                    body=obj, params={"fieldManager": self.field_manager})
+        if remember:
+            self.recent.remember(None, result)
+        return result
+
+    async def list_uids(self, api_version: str, kind: str, params: dict | None = None,
+                        namespace: str | None = None) -> set[str]:
+        """The uids of every object of a kind, in one namespace or all (metadata only: a fraction
+        of the bytes of a full list)."""
+        payload = await self.request(
+            "GET", resource_path(api_version, kind, namespace), params=params,
+            extra_headers={"Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,"
+                                     "application/json"})
+        return {item["metadata"]["uid"] for item in payload.get("items") or []}
 
     async def update(self, obj: dict) -> dict:
         """PUT with the object's resourceVersion: fails with 409 if anyone wrote it since we read it."""

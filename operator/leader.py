@@ -31,7 +31,14 @@ class LeaseElector:
         self.duration, self.renew_every, self.retry_every = duration, renew_every, retry_every
         self._seen: tuple | None = None  # (holder, renewTime) last observed
         self._seen_at = 0.0
+        self._renewed_at = 0.0  # monotonic time of our last successful acquire or renewal
         self.leading = False
+
+    def holds(self) -> bool:
+        """Whether this replica may write now: it leads and its last renewal is recent enough that
+        no other replica can have taken over (the lease duration minus one renew period, the
+        margin client-go keeps too). The operator's client refuses writes otherwise."""
+        return self.leading and time.monotonic() - self._renewed_at < self.duration - self.renew_every
 
     @property
     def _path(self) -> str:
@@ -48,6 +55,10 @@ class LeaseElector:
             return await self._write(self.client.create, body)
         spec = lease.setdefault("spec", {})
         holder = spec.get("holderIdentity") or ""
+        if holder != self.identity and self.leading:
+            self.leading = False  # someone else holds it now: stop writing at once
+            log.error("lease %s/%s taken over by %s", self.namespace, self.name, holder or "nobody")
+            return False
         if holder != self.identity:
             record = (holder, spec.get("renewTime"))
             if record != self._seen:
@@ -63,6 +74,7 @@ class LeaseElector:
     async def _write(self, write, body: dict) -> bool:
         try:
             await write(body)
+            self._renewed_at = time.monotonic()
             return True
         except ApiError as exc:
             if exc.status == 409:  # someone else wrote the lease first
@@ -88,16 +100,14 @@ class LeaseElector:
             return False
 
     async def hold(self) -> None:
-        """Renew until a renewal has not succeeded for the lease duration minus one period (the
-        point where another replica may take over); then return: leadership is lost."""
-        last_ok = time.monotonic()
-        deadline = self.duration - self.renew_every
+        """Renew until another replica holds the lease or a renewal has not succeeded for the
+        lease duration minus one period (the point where another replica may take over); then
+        return: leadership is lost, and `holds()` already says so."""
         while True:
-            await asyncio.sleep(self.renew_every if time.monotonic() - last_ok < self.renew_every
+            await asyncio.sleep(self.renew_every if time.monotonic() - self._renewed_at < self.renew_every
                                 else self.retry_every)
-            if await self._attempt():
-                last_ok = time.monotonic()
-            elif time.monotonic() - last_ok >= deadline:
+            await self._attempt()
+            if not self.holds():
                 self.leading = False
                 log.error("lost the lease %s/%s", self.namespace, self.name)
                 return
@@ -106,7 +116,7 @@ class LeaseElector:
         """Hand the lease over at once (graceful shutdown) so a standby need not wait for expiry."""
         if not self.leading:
             return
-        self.leading = False
+        self.leading = False  # writes stop before the lease is handed over
         try:
             lease = await self.client.get(self._path)
             if lease and lease.get("spec", {}).get("holderIdentity") == self.identity:

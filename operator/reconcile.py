@@ -1,15 +1,28 @@
-"""One level-based reconcile of one LLMService: plan the rollout, render, apply the differences,
-derive status.
+"""One level-based reconcile of one LLMService: observe -> decide -> act.
 
-Input is the LLMService and its children as last observed (the operator's watch indexes); nothing
-here depends on which event triggered the run, so running it twice in a row is harmless and the
-second run writes nothing. The rollout's whole state is in the status (llmserve.operator.rollout),
-so a restarted operator carries on where the last one stopped; time-driven steps (a pause ending,
-an analysis due) are not events, so `reconcile` returns when it wants to run again.
+- `observe()` gathers what the indexes cannot hold: an analysis verdict when one is due, whether
+  the cluster serves HTTPRoutes, and the children of kinds that are not watched (HTTPRoute,
+  ScaledObject: their APIs may not be installed).
+- `decide()` is pure: from the LLMService, its observed children and that observation it plans
+  the rollout and returns the children to apply, the owned children to prune (one path for every
+  kind: a revision no longer served, an autoscaler no longer asked for, a route no longer used)
+  and the problems to report.
+- `act()` applies (independent children concurrently, the route after the Services it points
+  at), prunes, posts one Event per kind of action, then writes the status derived from what it saw
+  and wrote, conditional on the resourceVersion it was computed from: a status computed from a
+  stale object is refused (409) and the run repeated, never written over a newer one.
+
+Input is the LLMService and its children as last observed (the operator's watch indexes, or what
+it wrote itself if they lag, `recent`); nothing depends on which event triggered the run, so
+running it twice in a row is harmless and the second run writes nothing. The rollout's whole state
+is in the status (llmserve.operator.rollout), so a restarted operator carries on where the last one
+stopped; time-driven steps (a pause ending, an analysis due) are not events, so the result says
+when to run again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,16 +37,35 @@ from .spec import API_VERSION, KIND, LABEL_REVISION, Spec
 
 log = logging.getLogger("llmserve.operator")
 
+# Kinds the operator does not watch: read when the spec or the status says one may exist.
+UNWATCHED = frozenset({"HTTPRoute", "ScaledObject"})
+# Kinds a service stops needing (a revision, an autoscaler, a route). Its Services and PDB have
+# fixed names and live as long as it does (the garbage collector removes them, RBAC: no delete).
+PRUNABLE = frozenset({"Deployment", "LeaderWorkerSet", "HorizontalPodAutoscaler", "ScaledObject", "HTTPRoute"})
+# What runs a revision's replicas: one-pod replicas, or groups of a multi-node model.
+WORKLOADS = frozenset({"Deployment", "LeaderWorkerSet"})
+
 
 @dataclass
 class Children:
     """Observed children of one LLMService, as the watch indexes hold them."""
 
     deployments: list[dict] = field(default_factory=list)
+    leader_worker_sets: list[dict] = field(default_factory=list)  # multi-node revisions
     services: list[dict] = field(default_factory=list)
     disruption_budgets: list[dict] = field(default_factory=list)
     autoscalers: list[dict] = field(default_factory=list)  # HorizontalPodAutoscalers
     pods: list[dict] = field(default_factory=list)  # status.pod_summary() of each
+
+
+@dataclass
+class Result:
+    """How a run ended: when to run again (None: on the next event), and whether it failed (the
+    engine backs off, at least `retry_after` seconds)."""
+
+    requeue_after: float | None = None
+    failed: bool = False
+    retry_after: float | None = None
 
 
 class Recorder:
@@ -76,149 +108,200 @@ class GatewayDiscovery:
         return self._value
 
 
-async def reconcile(parent: dict, children: Children, client: KubeClient, images: Images,
-                    recorder: Recorder, prometheus_url: str = "",
-                    gateway: GatewayDiscovery | None = None) -> float | None:
-    """Converge one LLMService. Returns the seconds after which it should run again although
-    nothing changed (a rollout pause ends, an analysis is due), or None. Raises ApiError when the
-    API server fails a request."""
-    meta = parent["metadata"]
-    if meta.get("deletionTimestamp"):
-        return None  # the garbage collector removes the children through their ownerReferences
-    try:
-        spec = Spec.from_object(parent)
-    except ValueError as exc:
-        await _write_status(client, recorder, parent,
-                            st.invalid(parent.get("status"), meta.get("generation", 1), str(exc), now_rfc3339()))
-        return None
+# ------------------------------------------------------------------------------------- observe
 
-    problems, previous, now = [], parent.get("status") or {}, datetime.now(timezone.utc)
-    ours = [d for d in children.deployments if applier.controlled_by(d, spec.uid)]
-    ready = {d["metadata"].get("labels", {}).get(LABEL_REVISION): (d.get("status") or {}).get("readyReplicas", 0)
-             for d in ours}
+@dataclass
+class Observation:
+    """Everything `decide()` needs beyond the LLMService and its watched children."""
+
+    now: datetime
+    verdict: analysis.Verdict | None = None
+    gateway: bool = False  # the cluster serves HTTPRoutes (only asked when spec has a gatewayRef)
+    unwatched: list[dict] = field(default_factory=list)  # HTTPRoute / ScaledObject that exist
+
+
+def _unwatched_path(kind: str, spec: Spec) -> str:
+    api_version = traffic.HTTPROUTE_API_VERSION if kind == "HTTPRoute" else autoscaling.KEDA_API_VERSION
+    return object_path({"apiVersion": api_version, "kind": kind,
+                        "metadata": {"name": spec.name, "namespace": spec.namespace}})
+
+
+async def observe(spec: Spec, previous: dict, client: KubeClient, prometheus_url: str,
+                  gateway: GatewayDiscovery, prometheus_allowed: tuple[str, ...] = ()) -> Observation:
+    now = datetime.now(timezone.utc)
+    seen = Observation(now)
     stable = (previous.get("stable") or {}).get("revision") or spec.revision
-    seen_ready = rollout.Observed(ready.get(stable, 0), ready.get(spec.revision, 0) if spec.revision != stable else 0)
-    verdict = None
     if canary := rollout.analysis_due(spec.rollout, spec.serving, previous, now):
         criteria = spec.rollout.analysis
-        verdict = await analysis.analyze(criteria.prometheus_url or prometheus_url, criteria, namespace=spec.namespace,
-                                         service=spec.name, model=spec.model, canary=canary, stable=stable)
-    by_gateway = False
+        seen.verdict = await analysis.analyze(prometheus_url, criteria, allowed=prometheus_allowed,
+                                              namespace=spec.namespace, service=spec.name, model=spec.model,
+                                              canary=canary, stable=stable)
     if spec.gateway_ref:
-        by_gateway = await (gateway or GatewayDiscovery()).available(client)
-        if not by_gateway:
-            problems.append(st.Problem("GatewayAPIMissing", "spec.rollout.traffic.gatewayRef is set but the cluster "
-                                       "serves no gateway.networking.k8s.io/v1 HTTPRoute; splitting traffic by "
-                                       "replica ratio (install the Gateway API CRDs)"))
-    plan = rollout.plan(spec.rollout, spec.serving, spec.replicas, previous, seen_ready, now, verdict=verdict,
-                        action=(meta.get("annotations") or {}).get(rollout.ACTION_ANNOTATION), gateway=by_gateway)
-    # The LLMService as its stable revision serves it: the shared children carry its labels.
-    base = spec if plan.stable.name == spec.revision else Spec.from_object(parent, plan.stable.spec)
-    tracks = Tracks(base, plan.split.stable, spec if plan.canary else None, plan.split.canary)
+        seen.gateway = await gateway.available(client)
+    kinds = set()
+    if seen.gateway or (previous.get("traffic") or {}).get("route"):
+        kinds.add("HTTPRoute")
+    if (spec.autoscaling and spec.autoscaling.engine == autoscaling.KEDA) or \
+            (previous.get("autoscaling") or {}).get("engine") == autoscaling.KEDA:
+        kinds.add("ScaledObject")
+    for kind in sorted(kinds):
+        try:
+            if found := await client.get(_unwatched_path(kind, spec)):
+                seen.unwatched.append(found)
+        except ApiError as exc:
+            if not exc.refused:  # an API that is not installed answers 404 on its group: nothing there
+                raise
+    return seen
 
-    observed = {(o["kind"], o["metadata"]["name"]): o for o in
-                children.deployments + children.services + children.disruption_budgets + children.autoscalers}
-    current = {}
-    wanted = desired_children(base, images, tracks)
-    if by_gateway:  # after the Services: the route must never point at a Service that is not there
-        wanted.append(traffic.http_route(base, spec.gateway_ref, plan.split, plan.stable.version))
+
+# -------------------------------------------------------------------------------------- decide
+
+class StableSpecError(ValueError):
+    """The stable revision recorded in the status cannot be rendered under the current spec."""
+
+
+@dataclass
+class Decision:
+    plan: rollout.Plan
+    waves: list[list[dict]]  # children to apply; each wave after the previous one
+    prune: list[tuple[dict, str]]  # owned children no longer wanted, and why
+    problems: list[st.Problem] = field(default_factory=list)
+    scaler: dict | None = None  # the autoscaler in `waves`, if any (its rejection reads differently)
+    gateway: bool = False
+
+
+def _ready_by_revision(workloads: list[dict], pods: list[dict]) -> dict[str, int]:
+    return {w["metadata"].get("labels", {}).get(LABEL_REVISION): st.workload_counts(w, pods)["ready"]
+            for w in workloads}
+
+
+def decide(parent: dict, spec: Spec, children: Children, seen: Observation, images: Images,
+           prometheus_url: str = "") -> Decision:
+    """What the LLMService's children should be, and which owned ones should go. Pure. Raises
+    StableSpecError when the stable revision cannot be rendered."""
+    previous = parent.get("status") or {}
+    ours = [o for o in children.deployments + children.leader_worker_sets + children.services
+            + children.disruption_budgets + children.autoscalers + seen.unwatched if applier.controlled_by(o, spec.uid)]
+    ready = _ready_by_revision([o for o in ours if o["kind"] in WORKLOADS], children.pods)
+    stable = (previous.get("stable") or {}).get("revision") or spec.revision
+    observed = rollout.Observed(ready.get(stable, 0), ready.get(spec.revision, 0) if spec.revision != stable else 0)
+    problems = []
+    if spec.gateway_ref and not seen.gateway:
+        problems.append(st.Problem("GatewayAPIMissing", "spec.rollout.traffic.gatewayRef is set but the cluster "
+                                   "serves no gateway.networking.k8s.io/v1 HTTPRoute; splitting traffic by "
+                                   "replica ratio (install the Gateway API CRDs)"))
+    plan = rollout.plan(spec.rollout, spec.serving, spec.replicas, previous, observed, seen.now, verdict=seen.verdict,
+                        action=(parent["metadata"].get("annotations") or {}).get(rollout.ACTION_ANNOTATION),
+                        gateway=seen.gateway)
+    # The LLMService as its stable revision serves it: the shared children carry its labels.
+    try:
+        base = spec if plan.stable.name == spec.revision else Spec.from_object(parent, plan.stable.spec)
+    except ValueError as exc:
+        raise StableSpecError(f"the stable revision {plan.stable.name} cannot be rendered: {exc}") from exc
+    tracks = Tracks(base, plan.split.stable, spec if plan.canary else None, plan.split.canary)
+    first = desired_children(base, images, tracks)
     try:
         scaler = autoscaling.autoscaler(spec, prometheus_url)
     except autoscaling.AutoscalerUnavailable as exc:
         scaler = None
         problems.append(st.Problem("AutoscalerUnavailable", str(exc)))
-    wanted += [scaler] if scaler else []
-    created, updated = [], []
-    for desired in wanted:
-        key = (desired["kind"], desired["metadata"]["name"])
-        outcome = await applier.ensure(client, desired, observed.get(key), spec.uid)
+    first += [scaler] if scaler else []
+    # After the Services: the route must never point at a Service that is not there.
+    waves = [first, [traffic.http_route(base, spec.gateway_ref, plan.split, plan.stable.version)]] if seen.gateway \
+        else [first]
+    wanted = {(o["kind"], o["metadata"]["name"]) for wave in waves for o in wave}
+    prune = [(o, _why_pruned(o, plan)) for o in ours
+             if o["kind"] in PRUNABLE and (o["kind"], o["metadata"]["name"]) not in wanted]
+    return Decision(plan, waves, prune, problems, scaler, seen.gateway)
+
+
+def _why_pruned(obj: dict, plan: rollout.Plan) -> str:
+    kind = obj["kind"]
+    if kind in WORKLOADS:
+        return f"its revision is no longer served (stable {plan.stable.name})"
+    if kind in ("HorizontalPodAutoscaler", "ScaledObject"):
+        return "spec.autoscaling no longer asks for it"
+    return "traffic is split by replica ratio now"  # HTTPRoute
+
+
+# ----------------------------------------------------------------------------------------- act
+
+async def reconcile(parent: dict, children: Children, client: KubeClient, images: Images,
+                    recorder: Recorder, prometheus_url: str = "",
+                    gateway: GatewayDiscovery | None = None, prometheus_allowed: tuple[str, ...] = ()) -> Result:
+    """Converge one LLMService. Raises ApiError when the API server fails a request that is worth
+    retrying (conflict, throttling, server error)."""
+    meta = parent["metadata"]
+    if meta.get("deletionTimestamp"):
+        return Result()  # the garbage collector removes the children through their ownerReferences
+    previous = parent.get("status") or {}
+    try:
+        spec = Spec.from_object(parent)
+        seen = await observe(spec, previous, client, prometheus_url, gateway or GatewayDiscovery(),
+                             prometheus_allowed)
+        decision = decide(parent, spec, children, seen, images, prometheus_url)
+    except ValueError as exc:  # also StableSpecError: the status says why, nothing is touched
+        await _write_status(client, recorder, parent,
+                            st.invalid(previous, meta.get("generation", 1), str(exc), now_rfc3339()))
+        return Result()
+
+    outcomes = []
+    for wave in decision.waves:
+        observed = {(o["kind"], o["metadata"]["name"]): o for o in
+                    children.deployments + children.leader_worker_sets + children.services
+                    + children.disruption_budgets + children.autoscalers
+                    + seen.unwatched}
+        outcomes += await asyncio.gather(*(applier.ensure(client, d, observed.get((d["kind"], d["metadata"]["name"])),
+                                                          spec.uid, watched=d["kind"] not in UNWATCHED)
+                                           for d in wave))
+    wanted = [d for wave in decision.waves for d in wave]
+    problems, current, created, updated = list(decision.problems), {}, [], []
+    for desired, outcome in zip(wanted, outcomes):
         if outcome.action in (applier.CONFLICT, applier.INVALID):
             reason = "ChildConflict" if outcome.action == applier.CONFLICT else "ApplyFailed"
-            if desired is scaler and outcome.action == applier.INVALID:
+            if desired is decision.scaler and outcome.action == applier.INVALID:
                 reason, outcome.message = "AutoscalerRejected", autoscaling.rejection(spec, outcome.message)
             problems.append(st.Problem(reason, outcome.message))
             continue
-        current[key] = outcome.obj
+        current[(desired["kind"], desired["metadata"]["name"])] = outcome.obj
         if outcome.action == applier.CREATED:
             created.append(applier.describe(desired))
         elif outcome.action == applier.UPDATED:
             updated.append(f"{applier.describe(desired)}: {', '.join(outcome.changed[:5])}")
+    deleted = [f"{applier.describe(obj)}: {why}" for obj, why in decision.prune if await client.delete(obj)]
     # One Event per kind of action, not per child: a new service is one "Created" Event.
-    if created:
-        await recorder.post(parent, "Normal", "Created", f"created {', '.join(created)}")
-    if updated:
-        await recorder.post(parent, "Normal", "Updated", f"updated {'; '.join(updated)}")
+    for reason, done, sep in (("Created", created, ", "), ("Updated", updated, "; "), ("Deleted", deleted, "; ")):
+        if done:
+            await recorder.post(parent, "Normal", reason, f"{reason.lower()} {sep.join(done)}")
 
-    keys = {(d["kind"], d["metadata"]["name"]) for d in wanted}
-    await _prune_autoscalers(client, recorder, parent, spec, children.autoscalers, keys)
-    # Revisions the plan no longer serves: the old stable after a promotion, a superseded or
-    # cancelled canary. The plan has already drained them of traffic and replicas.
-    for old in ours:
-        if ("Deployment", old["metadata"]["name"]) not in keys:
-            await client.delete(old)
-            await recorder.post(parent, "Normal", "Deleted", f"deleted {applier.describe(old)}: its revision "
-                                f"is no longer served (stable {plan.stable.name})")
-    route = (previous.get("traffic") or {}).get("route")
-    if route and not by_gateway:
-        await _delete_route(client, recorder, parent, spec, route)
-
-    seen = st.Observation(deployments=[o for (kind, _), o in current.items() if kind == "Deployment"],
-                          pods=children.pods, problems=problems,
-                          autoscaler=current.get(("HorizontalPodAutoscaler", spec.name)))
-    status = st.compute(spec, seen, previous, now_rfc3339(), plan)
-    if by_gateway:
+    plan = decision.plan
+    observation = st.Observation(deployments=[o for (kind, _), o in current.items() if kind in WORKLOADS],
+                                 pods=children.pods, problems=problems,
+                                 autoscaler=current.get(("HorizontalPodAutoscaler", spec.name)))
+    status = st.compute(spec, observation, previous, now_rfc3339(), plan)
+    if decision.gateway:
         status["traffic"] = {"route": spec.name}
     if await _write_status(client, recorder, parent, status):
         for type_, reason, message in plan.events:
             await recorder.post(parent, type_, reason, message)
-    return plan.requeue_after
-
-
-async def _delete_route(client: KubeClient, recorder: Recorder, parent: dict, spec: Spec, name: str) -> None:
-    """Delete the HTTPRoute a gatewayRef no longer asks for (not watched: the Gateway API may not
-    be installed, so `status.traffic.route` remembers that one was created)."""
-    found = await client.get(object_path({"apiVersion": traffic.HTTPROUTE_API_VERSION, "kind": "HTTPRoute",
-                                          "metadata": {"name": name, "namespace": spec.namespace}}))
-    if found and applier.controlled_by(found, spec.uid):
-        await client.delete(found)
-        await recorder.post(parent, "Normal", "Deleted", f"deleted HTTPRoute {name}: traffic is split by replica "
-                            "ratio now")
-
-
-async def _prune_autoscalers(client: KubeClient, recorder: Recorder, parent: dict, spec: Spec,
-                             hpas: list[dict], wanted: set[tuple[str, str]]) -> None:
-    """Delete the autoscaler the spec no longer asks for (autoscaling removed, or the other
-    engine chosen): two autoscalers on one scale subresource would fight. One the API server just
-    refused to update is still wanted, and keeps scaling with its last accepted settings.
-
-    HPAs are watched. ScaledObjects are not (KEDA may not be installed, and a watch on a missing
-    resource fails), so `status.autoscaling.engine` remembers that one was created.
-    """
-    stale = [h for h in hpas if applier.controlled_by(h, spec.uid)
-             and (h["kind"], h["metadata"]["name"]) not in wanted]
-    engine = ((parent.get("status") or {}).get("autoscaling") or {}).get("engine")
-    if engine == autoscaling.KEDA and ("ScaledObject", spec.name) not in wanted:
-        found = await client.get(object_path({"apiVersion": autoscaling.KEDA_API_VERSION, "kind": "ScaledObject",
-                                              "metadata": {"name": spec.name, "namespace": spec.namespace}}))
-        if found and applier.controlled_by(found, spec.uid):
-            stale.append(found)
-    for obj in stale:
-        await client.delete(obj)
-        await recorder.post(parent, "Normal", "Deleted",
-                            f"deleted {applier.describe(obj)}: spec.autoscaling no longer asks for it")
+    # A child the API server refused or someone else holds: retried with backoff (no event would
+    # announce that the cause went away: RBAC fixed, the foreign object deleted).
+    blocked = len(problems) > len(decision.problems)
+    return Result(plan.requeue_after, failed=blocked)
 
 
 async def _write_status(client: KubeClient, recorder: Recorder, parent: dict, status: dict) -> bool:
-    """Write the status only when it differs from what the object holds, then post the Events
-    its condition changes call for. Returns whether it wrote."""
+    """Write the status only when it differs from what the object holds, and only over the very
+    version it was computed from (409 otherwise: the run is repeated with the newer object), then
+    post the Events its condition changes call for. Returns whether it wrote."""
     previous = parent.get("status") or {}
     if status == previous:
         return False
     meta = parent["metadata"]
     await client.apply({"apiVersion": API_VERSION, "kind": KIND,
-                        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+                        "metadata": {"name": meta["name"], "namespace": meta["namespace"],
+                                     "resourceVersion": meta["resourceVersion"]},
                         "status": status}, subresource="status", replacing=parent)
     for type_, reason, message in st.transition_events(previous, status):
         await recorder.post(parent, type_, reason, message)
     return True
-

@@ -19,6 +19,7 @@ from .engine import Engine
 from .kube import KubeClient, load_config
 from .leader import LeaseElector
 from .render import Images
+from .spec import KIND, MANAGED_SELECTOR
 
 log = logging.getLogger("llmserve.operator")
 
@@ -36,6 +37,16 @@ class Options:
     health_port: int = 8081
     identity: str = ""
     prometheus_url: str = ""  # where KEDA triggers query Triton's metrics (docs/autoscaling.md)
+    prometheus_allowed: tuple[str, ...] = ()  # other origins spec.rollout.analysis.prometheus.url may name
+    max_concurrent_reconciles: int = 32  # in a burst, services finish in turn, not all together
+
+
+def relist_kinds() -> dict[str, tuple[str, str, dict]]:
+    """What the engine's periodic relist reads: every indexed kind, children by our label."""
+    from .handlers import INDEXED_KINDS
+
+    return {name: (api_version, kind, {} if kind == KIND else {"labelSelector": MANAGED_SELECTOR})
+            for name, (api_version, kind) in INDEXED_KINDS.items()}
 
 
 def default_identity() -> str:
@@ -97,12 +108,15 @@ async def run(opts: Options) -> int:
 
     # The lease has its own connections: a burst of reconciles must never delay a renewal.
     async with KubeClient(config) as client, KubeClient(config, max_inflight=2) as lease_client:
-        engine = Engine(client, opts.images, identity, prometheus_url=opts.prometheus_url)
+        engine = Engine(client, opts.images, identity, prometheus_url=opts.prometheus_url,
+                        prometheus_allowed=opts.prometheus_allowed,
+                        max_concurrent=opts.max_concurrent_reconciles, namespaces=opts.namespaces)
         elector = None
         if opts.leader_election:
             elector = LeaseElector(lease_client, opts.lease_namespace or config.namespace, opts.lease_name,
                                    identity, duration=opts.lease_duration, renew_every=opts.lease_duration / 3)
-        health = await _serve_health(opts, engine, client, lambda: elector.leading if elector else True)
+            client.may_write = elector.holds  # no write once the lease is lost or released
+        health = await _serve_health(opts, engine, client, lambda: elector.holds() if elector else True)
         try:
             if elector and not await _first(elector.acquire(), stop.wait()):
                 return 0
@@ -115,14 +129,18 @@ async def run(opts: Options) -> int:
                 clusterwide=not opts.namespaces, namespaces=list(opts.namespaces),
                 stop_flag=stop, memo=kopf.Memo(engine=engine),
             ))
+            relist = asyncio.create_task(engine.relist_forever(relist_kinds()))
             lost = False
-            if elector:
-                holder = asyncio.create_task(elector.hold())
-                await asyncio.wait({operator, holder}, return_when=asyncio.FIRST_COMPLETED)
-                lost = holder.done()
-                stop.set()
-                holder.cancel()
-            await operator
+            try:
+                if elector:
+                    holder = asyncio.create_task(elector.hold())
+                    await asyncio.wait({operator, holder}, return_when=asyncio.FIRST_COMPLETED)
+                    lost = holder.done()
+                    stop.set()
+                    holder.cancel()
+                await operator
+            finally:
+                relist.cancel()
             if elector and not lost:
                 await elector.release()
             return 1 if lost else 0

@@ -1,6 +1,6 @@
 """Does the observed child already hold what we would apply?"""
 
-from llmserve.operator.drift import differences
+from llmserve.operator.drift import differences, foreign_items
 
 DESIRED = {
     "metadata": {"name": "chat-v3", "labels": {"a": "1"}},
@@ -51,7 +51,8 @@ def test_edited_fields_are_reported_by_path():
 def test_removed_fields_and_items_are_drift():
     assert differences(DESIRED, observed(**{"metadata/labels": {}})) == ["metadata.labels.a"]
     gone = observed(**{"spec/template/spec/containers": [{"name": "other"}]})
-    assert differences(DESIRED, gone) == ["spec.template.spec.containers[tritonserver]"]
+    assert differences(DESIRED, gone) == ["spec.template.spec.containers[tritonserver]",
+                                          "spec.template.spec.containers[other]"]
 
 
 def test_atomic_lists_must_match_exactly():
@@ -59,10 +60,34 @@ def test_atomic_lists_must_match_exactly():
         "spec.template.spec.containers[tritonserver].command"]
 
 
-def test_items_other_managers_added_to_named_lists_are_tolerated():
+def test_items_we_no_longer_render_are_drift():
+    """A volume, port or container the operator stopped rendering stays on the server until an
+    apply without it removes it: comparing only the items we render would never notice."""
+    extra = observed(**{"spec/template/spec/volumes": DESIRED["spec"]["template"]["spec"]["volumes"] +
+                        [{"name": "old-cache", "emptyDir": {}}]})
+    assert differences(DESIRED, extra) == ["spec.template.spec.volumes[old-cache]"]
+
+
+def test_items_other_managers_own_are_tolerated():
+    """An injected volume belongs to its manager: server-side apply leaves it, so do we."""
     extra = observed(**{"spec/template/spec/volumes": DESIRED["spec"]["template"]["spec"]["volumes"] +
                         [{"name": "injected", "emptyDir": {}}]})
-    assert differences(DESIRED, extra) == []
+    extra["metadata"]["managedFields"] = [
+        {"manager": "llmserve-operator", "operation": "Apply", "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+        {"manager": "sidecar-injector", "operation": "Update", "fieldsV1": {"f:spec": {"f:template": {"f:spec": {
+            "f:volumes": {'k:{"name":"injected"}': {".": {}, "f:emptyDir": {}}}}}}}},
+    ]
+    assert differences(DESIRED, extra, foreign=foreign_items(extra, "llmserve-operator")) == []
+    assert foreign_items(extra, "llmserve-operator") == {"spec.template.spec.volumes": [{"name": "injected"}]}
+
+
+def test_a_backend_left_on_the_route_is_drift():
+    """After an abort at a step >= 50 % the route must lose its canary backend, or about half the
+    traffic goes to a Service with no ready pods."""
+    want = {"spec": {"rules": [{"backendRefs": [{"name": "chat-stable", "port": 8080, "weight": 1}]}]}}
+    seen = {"spec": {"rules": [{"backendRefs": [{"name": "chat-stable", "port": 8080, "weight": 1},
+                                                {"name": "chat-canary", "port": 8080, "weight": 1}]}]}}
+    assert differences(want, seen) == ["spec.rules[0].backendRefs[chat-canary]"]
 
 
 def test_type_mismatch_is_drift():
