@@ -77,6 +77,7 @@ def pod_summary(pod: dict) -> dict:
                or _container_trouble(status.get("containerStatuses"), init=False) or trouble)
     return {
         "name": meta["name"],
+        "uid": meta.get("uid"),
         "version": (meta.get("labels") or {}).get(LABEL_VERSION),
         "revision": (meta.get("labels") or {}).get(LABEL_REVISION),
         "ready": (conds.get("Ready") or {}).get("status") == TRUE,
@@ -148,6 +149,11 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str, plan
         serving += min(canary_counts["updated"], canary_counts["ready"], canary_counts["available"])
     want = spec.replicas
     ready = current is not None and counts["settled"] and want > 0 and serving >= autoscaling.ready_floor(spec)
+    # A Deployment just written (replicas moved by the autoscaler or a rollout step) reports the
+    # status of its previous generation until its controller catches up: that says nothing new,
+    # so a Ready service stays Ready rather than flapping (and posting NotReady) on every write.
+    held = cond.find((previous or {}).get("conditions"), READY) if current is not None and not counts["settled"] \
+        and want > 0 and cond.is_true((previous or {}).get("conditions"), READY) else None
     trouble = _pod_trouble(spec, seen.pods, revisions)
     scaling, scaling_trouble = autoscaling.observe(spec, seen.autoscaler)
     what = f"{spec.model} {plan.stable.name}" + (f" and canary {plan.canary.name}" if plan.canary else "")
@@ -166,7 +172,9 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str, plan
     else:
         degraded = Condition(DEGRADED, FALSE, "Healthy", "")
 
-    if ready:
+    if held and degraded.status != TRUE:
+        ready, readiness = True, Condition(READY, TRUE, held.get("reason", "Available"), held.get("message", ""))
+    elif ready:
         readiness = Condition(READY, TRUE, "Available", f"{serving}/{want} replicas of {what} ready")
     elif want == 0:
         readiness = Condition(READY, FALSE, "ScaledToZero", f"{what} has 0 replicas")
@@ -193,7 +201,9 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str, plan
         "stable": {**plan.status["stable"], "deployment": stable_name},
         "rollout": plan.status["rollout"],
         "history": plan.status["history"],
-        "replicas": sum(_deployment_counts(d)["replicas"] for d in seen.deployments),
+        # What the scale subresource reports to an HPA: never the rollout's surge pods (an HPA
+        # at its target would otherwise adopt them as the new spec.replicas, step after step).
+        "replicas": min(spec.replicas, sum(_deployment_counts(d)["replicas"] for d in seen.deployments)),
         "selector": pod_selector(spec.name),
         "endpoint": f"http://{spec.name}.{spec.namespace}.svc:{PREDICTOR_PORT}",
         "unschedulableReplicas": unschedulable(seen.pods),

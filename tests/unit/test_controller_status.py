@@ -137,7 +137,7 @@ def test_old_version_keeps_serving_while_the_new_one_starts():
     assert conds(status)["Progressing"] == ("True", "RolloutInProgress")
     assert f"canary {spec(version=4).revision} at 0%" in status["conditions"][1]["message"]
     assert status["canary"]["deployment"] == name(4) and status["canary"]["weight"] == 0
-    assert status["replicas"] == 3
+    assert status["replicas"] == 2  # the canary's surge pod is not reported to an HPA (scale subresource)
 
 
 def test_reconcile_problems_are_degraded():
@@ -180,3 +180,16 @@ def test_condition_merge_drops_unknown_types_and_keeps_order():
     assert [c["type"] for c in merged] == ["B", "A"]
     assert conditions.is_true(merged, "B") and not conditions.is_true(merged, "A")
     assert conditions.find(merged, "Old") is None
+
+
+def test_a_written_deployment_does_not_flap_ready():
+    """The apply response of a Deployment whose replicas just changed still carries the status of
+    the previous generation: a Ready service stays Ready (no NotReady/Ready Events pair)."""
+    ready = status_of(spec(), Observation(deployments=[deployment()]), None, T0)
+    assert conds(ready)["Ready"][0] == "True"
+    written = deployment(generation=2, observed=1)
+    status = status_of(spec(), Observation(deployments=[written]), ready, T1)
+    assert conds(status)["Ready"][0] == "True"
+    assert transition_events(ready, status) == []
+    # Without a Ready verdict to keep, an unsettled Deployment is not Ready.
+    assert conds(status_of(spec(), Observation(deployments=[written]), None, T1))["Ready"][0] == "False"
