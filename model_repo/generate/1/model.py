@@ -18,11 +18,21 @@ The model is decoupled and batches continuously: execute() validates and queues 
 generation thread decodes all running requests in lock step and, between two steps, prefills the
 newly arrived ones together (left-padded, explicit position ids) and joins them to the batch. Each
 request is answered the moment it finishes and leaves the batch.
+
+Where it runs: on CUDA when Triton gives it a GPU instance (KIND_GPU), with TensorRT first when the
+config parameter `execution_providers` says `tensorrt,cuda`; on the CPU otherwise. The pulled
+config's `engine_args` (JSON, from the LLMService's engineSettings) may lower the context window
+(`max_model_len`) and the number of sequences decoded together (`max_num_seqs`).
+
+Because Triton's own request statistics never see a decoupled model's generations, the model
+publishes the engine metrics the canary analysis and autoscaling read (docs/engines.md#metrics),
+with vLLM's names, through Triton's custom-metrics API (`EngineMetrics`).
 """
 
 import json
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,6 +64,8 @@ class Sequence:
     sent: int = 0           # characters of `text` already streamed
     finish_reason: str | None = None
     cancelled: Callable[[], bool] = lambda: False
+    arrived: float = field(default_factory=time.monotonic)
+    last_step_at: float | None = None  # when its latest token (or the first) was chosen
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
@@ -62,17 +74,17 @@ class Sequence:
 class CausalLM:
     """The ONNX artifact plus its tokenizer; no Triton dependency."""
 
-    def __init__(self, version_dir, session_options=None):
+    def __init__(self, version_dir, session_options=None, providers=("CPUExecutionProvider",),
+                 max_model_len=None):
         version_dir = Path(version_dir)
         self.meta = json.loads((version_dir / "artifact.json").read_text())
         self.session = ort.InferenceSession(
-            str(version_dir / self.meta["onnx"]), session_options,
-            providers=["CPUExecutionProvider"],
+            str(version_dir / self.meta["onnx"]), session_options, providers=list(providers),
         )
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
         self.eos = set(self.meta["eos_token_ids"])
         self.layers = self.meta["num_layers"]
-        self.context_length = self.meta["context_length"]
+        self.context_length = min(self.meta["context_length"], max_model_len or self.meta["context_length"])
         self.past_dtype = np.dtype(self.meta["past_dtype"])
 
     # -- tokenization -------------------------------------------------------------------------
@@ -271,15 +283,105 @@ def _raise(message):
     raise ValueError(message)
 
 
+def execution_providers(instance_kind, device_id, config):
+    """ONNX Runtime providers for this instance: CUDA on the instance's GPU (TensorRT first when the
+    config parameter `execution_providers` lists it), the CPU otherwise and as the fallback."""
+    if instance_kind != "GPU":
+        return ["CPUExecutionProvider"]
+    wanted = parameter(config, "execution_providers", "cuda").split(",")
+    gpu = {"device_id": int(device_id)}
+    named = {"tensorrt": ("TensorrtExecutionProvider", {**gpu, "trt_engine_cache_enable": True,
+                                                        "trt_engine_cache_path": "/tmp/trt-cache"}),
+             "cuda": ("CUDAExecutionProvider", gpu)}
+    unknown = [name for name in wanted if name.strip() not in named]
+    if unknown:
+        raise ValueError(f"execution_providers: unknown {', '.join(unknown)} (use tensorrt and/or cuda)")
+    return [named[name.strip()] for name in wanted] + ["CPUExecutionProvider"]
+
+
+def parameter(config, key, default=None):
+    """A string parameter of config.pbtxt (`parameters { key: ... value { string_value: ... } }`)."""
+    return ((config.get("parameters") or {}).get(key) or {}).get("string_value") or default
+
+
+class EngineMetrics:
+    """The engine metrics every llmserve model publishes (names as vLLM's, docs/engines.md#metrics),
+    labeled with the model and version, through Triton's custom-metrics API (port 8002)."""
+
+    FINISH_REASONS = ("stop", "length", "abort")
+    LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+    TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
+
+    def __init__(self, model, version):
+        self.labels = {"model": model, "version": version}
+        family = pb_utils.MetricFamily
+        self.families = []  # kept alive, and deleted after their metrics (Triton's rule)
+
+        def metric(name, description, kind, buckets=None, **labels):
+            fam = family(name=name, description=description, kind=kind)
+            self.families.append(fam)
+            kwargs = {"buckets": buckets} if buckets else {}
+            return fam, fam.Metric(labels={**self.labels, **labels}, **kwargs)
+
+        _, self.running = metric("vllm:num_requests_running", "Requests being generated", family.GAUGE)
+        _, self.waiting = metric("vllm:num_requests_waiting", "Requests waiting to be admitted", family.GAUGE)
+        _, self.kv_usage = metric("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1", family.GAUGE)
+        success, first = metric("vllm:request_success_total", "Requests that finished", family.COUNTER,
+                                finished_reason=self.FINISH_REASONS[0])
+        self.success = {self.FINISH_REASONS[0]: first}
+        for reason in self.FINISH_REASONS[1:]:  # every series exists from the start: increase() sees the first
+            self.success[reason] = success.Metric(labels={**self.labels, "finished_reason": reason})
+        _, self.failure = metric("llmserve:request_failure_total", "Requests that ended with an error",
+                                 family.COUNTER)
+        _, self.prompt_tokens = metric("vllm:prompt_tokens_total", "Prompt tokens processed", family.COUNTER)
+        _, self.generation_tokens = metric("vllm:generation_tokens_total", "Tokens generated", family.COUNTER)
+        _, self.ttft = metric("vllm:time_to_first_token_seconds", "Time to first token", family.HISTOGRAM,
+                              self.LATENCY_BUCKETS)
+        _, self.e2e = metric("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token",
+                             family.HISTOGRAM, self.LATENCY_BUCKETS)
+        _, self.itl = metric("vllm:inter_token_latency_seconds", "Time between two tokens of a request",
+                             family.HISTOGRAM, self.TOKEN_BUCKETS)
+
+    def step(self, seq, now):
+        """A sequence advanced by one step (its first token: time to first token)."""
+        if seq.last_step_at is None:
+            self.ttft.observe(now - seq.arrived)
+        else:
+            self.itl.observe(now - seq.last_step_at)
+        seq.last_step_at = now
+
+    def finished(self, seq, now):
+        reason = "abort" if seq.finish_reason == "cancelled" else seq.finish_reason
+        self.success[reason].increment(1)
+        self.e2e.observe(now - seq.arrived)
+        self.prompt_tokens.increment(len(seq.prompt_ids))
+        self.generation_tokens.increment(len(seq.output_ids))
+
+    def load(self, running, waiting, kv_usage):
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
+
+    def close(self):
+        for name in ("running", "waiting", "kv_usage", "success", "failure", "prompt_tokens",
+                     "generation_tokens", "ttft", "e2e", "itl"):
+            delattr(self, name)
+        self.families.clear()
+
+
 class TritonPythonModel:
     """execute() only validates and queues; one generation thread runs the continuous batch,
     admitting queued requests between decode steps and answering each as it finishes."""
 
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.lm = CausalLM(version_dir)
         config = json.loads(args["model_config"])
-        self.max_running = max(1, int(config.get("max_batch_size", 0)) or 1)
+        engine_args = json.loads(parameter(config, "engine_args", "{}"))
+        providers = execution_providers(args.get("model_instance_kind"), args.get("model_instance_device_id", 0),
+                                        config)
+        self.lm = CausalLM(version_dir, providers=providers, max_model_len=engine_args.get("max_model_len"))
+        self.max_running = max(1, int(engine_args.get("max_num_seqs") or config.get("max_batch_size", 0) or 1))
+        self.metrics = EngineMetrics(args["model_name"], args["model_version"])
         self.pending = queue.Queue()
         self.clients = {}  # id(seq) -> (stream, sender), while generating
         self.worker = threading.Thread(target=self._loop, name="generate", daemon=True)
@@ -292,10 +394,12 @@ class TritonPythonModel:
                 seq, stream = self._parse(request)
                 self.lm.check(seq)
             except (ValueError, TypeError) as exc:
+                self.metrics.failure.increment(1)
                 _send_error(sender, str(exc))
                 continue
             seq.cancelled = request.is_cancelled
             self.pending.put((seq, stream, sender))
+        self.metrics.waiting.set(self.pending.qsize())
         return None
 
     def _loop(self):
@@ -319,13 +423,25 @@ class TritonPythonModel:
             except Exception as exc:  # an ORT failure must still end every open request
                 for seq in batch.seqs + [seq for seq, _, _ in arrivals]:
                     if id(seq) in self.clients:
+                        self.metrics.failure.increment(1)
                         _send_error(self.clients.pop(id(seq))[1], f"generation failed: {exc}")
                 batch = Batch(self.lm)
+            self.metrics.load(len(batch.seqs), self.pending.qsize(), self._kv_usage(batch))
+
+    def _kv_usage(self, batch):
+        """Cached positions of the running rows per position the batch may hold (max_num_seqs
+        rows of the whole context window): vLLM's KV-cache usage, for a dense cache."""
+        if batch.mask is None:
+            return 0.0
+        return float(batch.mask.sum()) / (self.max_running * self.lm.context_length)
 
     def _on_update(self, seq):
         stream, sender = self.clients[id(seq)]
+        now = time.monotonic()
+        self.metrics.step(seq, now)
         if seq.finish_reason is not None:
             del self.clients[id(seq)]
+            self.metrics.finished(seq, now)
         if seq.finish_reason == "cancelled":
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         elif stream:
@@ -374,6 +490,7 @@ class TritonPythonModel:
     def finalize(self):
         self.pending.put(None)
         self.worker.join(timeout=30)
+        self.metrics.close()
 
 
 def _text(value):
