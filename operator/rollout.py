@@ -72,9 +72,30 @@ def serving_spec(spec: dict) -> dict:
     return {key: spec[key] for key in SERVING_FIELDS if spec.get(key)}
 
 
+# The values the CRD defaults inside the serving sections (charts/llmserve/templates/crd.yaml).
+# The API server adds a default to every stored object when it reads it, so a chart upgrade that
+# introduces one would change every serving spec; a field holding its default is therefore hashed
+# as if it were absent, and a new default changes no revision (no rollout restarting every GPU
+# pod). tests/integration/test_operator.py checks this table against the installed CRD.
+SERVING_DEFAULTS = {"runtime": {"gpus": 1, "gpuResourceName": "nvidia.com/gpu", "startupTimeout": "10m",
+                                "shmSize": "256Mi"}}
+
+
+def _without_defaults(serving: dict) -> dict:
+    out = {}
+    for section, fields in serving.items():
+        defaults = SERVING_DEFAULTS.get(section, {})
+        kept = {k: v for k, v in fields.items() if k not in defaults or v != defaults[k]} \
+            if isinstance(fields, dict) else fields
+        if kept:
+            out[section] = kept
+    return out
+
+
 def revision_name(serving: dict) -> str:
-    """`v<version>-<6 hex>`: readable, and distinct for any change of the serving spec."""
-    canonical = json.dumps(serving, sort_keys=True, separators=(",", ":"))
+    """`v<version>-<6 hex>`: readable, and distinct for any change of the serving spec that is not
+    merely a default spelled out."""
+    canonical = json.dumps(_without_defaults(serving), sort_keys=True, separators=(",", ":"))
     return f"v{serving['model']['version']}-{hashlib.sha256(canonical.encode()).hexdigest()[:6]}"
 
 
@@ -428,7 +449,9 @@ class _Machine:
         phase, times = self.rollout.get("phase"), []
         if phase == PROGRESSING and self.rollout.get("stepReachedAt"):
             step = self.policy.steps[self.rollout["step"]]
-            times.append(step.pause - self.seconds_since("stepReachedAt"))
+            left = step.pause - self.seconds_since("stepReachedAt")
+            if left > 0:  # a pause already over waits for the next check below, not for 0 s
+                times.append(left)
         if phase in (PROGRESSING, PROMOTING) and not self.rollout.get("stepReachedAt"):
             times.append(self.policy.progress_deadline - self.seconds_since("stepStartedAt") + 0.001)
         clock = _check_clock(self.rollout)
