@@ -185,17 +185,17 @@ def puller_container(spec: Spec, images: Images) -> dict:
     }
 
 
-def deployment(spec: Spec, images: Images, *, track: str = STABLE, replicas: int | None = None) -> dict:
-    """The Deployment serving `spec.revision` on `track` with its share of the replicas."""
-    labels = pod_labels(spec.name, spec.version, spec.revision)
-    pod_spec = {
+def pod_spec(spec: Spec, images: Images, containers: list[dict] | None = None) -> dict:
+    """A serving pod: the puller fills /models, then `containers` (Triton and the predictor unless
+    given: a multi-node worker runs its engine process instead) serve from it."""
+    return {
         "automountServiceAccountToken": False,
         # Service links would inject ~7 variables per Service in the namespace into every pod.
         "enableServiceLinks": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
                             "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
         "initContainers": [puller_container(spec, images)],
-        "containers": [triton_container(spec, images), predictor_container(spec, images)],
+        "containers": containers or [triton_container(spec, images), predictor_container(spec, images)],
         "volumes": [
             _repository_volume(spec),
             {"name": "models", "emptyDir": {}},
@@ -205,6 +205,11 @@ def deployment(spec: Spec, images: Images, *, track: str = STABLE, replicas: int
         **_nonempty(nodeSelector=spec.node_selector, tolerations=spec.tolerations, affinity=spec.affinity,
                     imagePullSecrets=spec.image_pull_secrets),
     }
+
+
+def deployment(spec: Spec, images: Images, *, track: str = STABLE, replicas: int | None = None) -> dict:
+    """The Deployment serving `spec.revision` on `track` with its share of the replicas."""
+    labels = pod_labels(spec.name, spec.version, spec.revision)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -218,9 +223,19 @@ def deployment(spec: Spec, images: Images, *, track: str = STABLE, replicas: int
             # reported Unschedulable) rather than taking the service down.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "progressDeadlineSeconds": int(spec.startup_timeout) + PROGRESS_MARGIN,
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec(spec, images)},
         },
     }
+
+
+def workload(spec: Spec, images: Images, *, track: str, replicas: int) -> dict:
+    """What runs one revision's replicas: a Deployment of one-pod replicas, or a LeaderWorkerSet
+    whose groups are the replicas of a model spanning several nodes (llmserve.operator.lws)."""
+    if spec.parallelism.multi_node:
+        from .lws import leader_worker_set  # lws builds on this module's pod templates
+
+        return leader_worker_set(spec, images, track=track, replicas=replicas)
+    return deployment(spec, images, track=track, replicas=replicas)
 
 
 def entry_service(spec: Spec) -> dict:
@@ -276,8 +291,8 @@ def desired_children(spec: Spec, images: Images, tracks: Tracks | None = None) -
     the Services that select them. `spec` is the LLMService as written (the stable revision's
     view during a rollout); `tracks` defaults to the spec's revision with all replicas."""
     tracks = tracks or Tracks(spec, spec.replicas)
-    out = [deployment(tracks.stable, images, track=STABLE, replicas=tracks.stable_replicas)]
+    out = [workload(tracks.stable, images, track=STABLE, replicas=tracks.stable_replicas)]
     if tracks.canary is not None:
-        out.append(deployment(tracks.canary, images, track=CANARY, replicas=tracks.canary_replicas))
+        out.append(workload(tracks.canary, images, track=CANARY, replicas=tracks.canary_replicas))
     return out + [entry_service(spec), track_service(spec, STABLE, tracks.stable.revision),
                   track_service(spec, CANARY, (tracks.canary or tracks.stable).revision), disruption_budget(spec)]

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import autoscaling
+from . import autoscaling, lws
 from . import conditions as cond
 from .conditions import FALSE, TRUE, Condition
 from .render import PREDICTOR_PORT
 from .rollout import Plan
+from .lws import group_of
 from .spec import LABEL_REVISION, LABEL_VERSION, Spec, deployment_name, pod_selector
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
@@ -83,7 +84,23 @@ def pod_summary(pod: dict) -> dict:
         "ready": (conds.get("Ready") or {}).get("status") == TRUE,
         "deleting": bool(meta.get("deletionTimestamp")),
         "trouble": list(trouble) if trouble else None,
+        # `<LeaderWorkerSet>/<group index>` of a multi-node replica's member, else "".
+        "group": group_of(meta.get("labels") or {}),
     }
+
+
+def workload_counts(obj: dict | None, pods: list[dict]) -> dict:
+    """Replica counts of a revision's Deployment, or of its LeaderWorkerSet in groups: a group is
+    ready only while every member is (the controller's count, and never more groups than the
+    pods show complete, so a group missing a member is not Ready even before the controller
+    notices)."""
+    if obj is None or obj.get("kind") != lws.KIND:
+        return _deployment_counts(obj)
+    counts = lws.counts(obj)
+    size = ((obj.get("spec") or {}).get("leaderWorkerTemplate") or {}).get("size", 1)
+    complete = lws.complete_groups(pods, obj["metadata"]["name"], size)
+    counts["ready"] = counts["available"] = min(counts["ready"], complete)
+    return counts
 
 
 def _deployment_counts(dep: dict | None) -> dict:
@@ -112,6 +129,10 @@ def _pod_trouble(spec: Spec, pods: list[dict], revisions: set[str]) -> tuple[str
     same = [p["trouble"] for p in troubled if p["trouble"][0] == reason and p["revision"] == revision]
     total = sum(1 for p in live if p["revision"] == revision)
     message = f"{len(same)} of {total} pods of {deployment_name(spec.name, revision)}: {same[0][1]}"
+    if spec.parallelism.multi_node and (groups := sorted({p["group"] for p in troubled
+                                                         if p["trouble"][0] == reason and p["group"]})):
+        message += (f" (incomplete groups {', '.join(groups)}: a replica needs all its {spec.parallelism.nodes} "
+                    "pods, and none of them serves until every one runs)")
     if reason == "Unschedulable" and f"Insufficient {spec.gpu_resource}" in same[0][1]:
         # The common case on GPU clusters (an autoscaler asking for more than the cluster has):
         # say what a person can do about it.
@@ -121,8 +142,10 @@ def _pod_trouble(spec: Spec, pods: list[dict], revisions: set[str]) -> tuple[str
 
 
 def unschedulable(pods: list[dict]) -> int:
-    """Pods of any version the scheduler could not place: replicas asked for but not running."""
-    return sum(1 for p in pods if not p["deleting"] and p["trouble"] and p["trouble"][0] == "Unschedulable")
+    """Replicas of any version the scheduler could not place: pods, or for multi-node replicas the
+    groups with a member it could not place."""
+    stuck = [p for p in pods if not p["deleting"] and p["trouble"] and p["trouble"][0] == "Unschedulable"]
+    return len({p["group"] for p in stuck if p.get("group")}) + sum(1 for p in stuck if not p.get("group"))
 
 
 @dataclass
@@ -140,11 +163,11 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str, plan
     by_name = {d["metadata"]["name"]: d for d in seen.deployments}
     stable_name = deployment_name(spec.name, plan.stable.name)
     current = by_name.get(stable_name)
-    counts = _deployment_counts(current)
+    counts = workload_counts(current, seen.pods)
     serving = min(counts["updated"], counts["ready"], counts["available"])
     revisions = {plan.stable.name}
     if plan.canary is not None:
-        canary_counts = _deployment_counts(by_name.get(deployment_name(spec.name, plan.canary.name)))
+        canary_counts = workload_counts(by_name.get(deployment_name(spec.name, plan.canary.name)), seen.pods)
         revisions.add(plan.canary.name)
         serving += min(canary_counts["updated"], canary_counts["ready"], canary_counts["available"])
     want = spec.replicas
@@ -203,8 +226,11 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str, plan
         "history": plan.status["history"],
         # What the scale subresource reports to an HPA: never the rollout's surge pods (an HPA
         # at its target would otherwise adopt them as the new spec.replicas, step after step).
-        "replicas": min(spec.replicas, sum(_deployment_counts(d)["replicas"] for d in seen.deployments)),
-        "selector": pod_selector(spec.name),
+        "replicas": min(spec.replicas, sum(workload_counts(d, seen.pods)["replicas"] for d in seen.deployments)),
+        # For the HPA's pod count (scale subresource): one pod per replica, so never a
+        # multi-node replica's workers.
+        "selector": pod_selector(spec.name) + (f",{lws.LABEL_ROLE}!={lws.WORKER}"
+                                               if spec.parallelism.multi_node else ""),
         "endpoint": f"http://{spec.name}.{spec.namespace}.svc:{PREDICTOR_PORT}",
         "unschedulableReplicas": unschedulable(seen.pods),
     }

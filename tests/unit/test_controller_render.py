@@ -279,6 +279,5 @@ def test_shm_is_sized_for_tensor_parallelism():
     assert shm({"gpus": 1}) == "256Mi"
     assert shm({"gpus": 4}) == "4Gi"
     assert shm({"gpus": 4, "parallelism": {"tensor": 2, "pipeline": 2}}) == "4Gi"  # every GPU of the pod
-    assert shm({"gpus": 2, "parallelism": {"nodes": 2}}) == "2Gi"  # the pod's share of a 4-GPU replica
     assert shm({"gpus": 4, "shmSize": "8Gi"}) == "8Gi"  # more than the floor stays as asked
     assert shm({"gpus": 4, "engine": "onnxruntime"}) == "256Mi"  # no tensor parallelism
