@@ -1,10 +1,21 @@
-"""Canary analysis: is the canary revision worse than the thresholds, by Triton's own metrics?
+"""Canary analysis: is the canary revision worse than the thresholds, by the engine's own metrics?
 
 One check compares the canary's pods with the stable pods over the last `interval`, from the
 series Prometheus scrapes from Triton and labels with the pod labels (`labelmap` of the pod
 labels, plus `namespace` from Kubernetes service discovery; the same convention the autoscaling
-rules use):
+rules use).
 
+The engine metrics come first (docs/engines.md#metrics): every llmserve engine model (vLLM, ONNX
+Runtime) publishes them through Triton's custom-metrics API, because Triton's own request
+statistics never see a decoupled model's generations (execute() returns before generating):
+- error rate = increase(llmserve:request_failure_total) / increase(that + vllm:request_success_total),
+  summed over every pod of the revision: every request that ended in an error, a generation that
+  failed inside the engine as much as one the new version refuses.
+- p99 latency = histogram_quantile(0.99) of vllm:e2e_request_latency_seconds over the summed
+  buckets of the revision's pods (arrival to last token), and with `maxP99TimeToFirstToken` the
+  same of vllm:time_to_first_token_seconds: a fleet-wide quantile of the window.
+For a model that publishes none of these (a plain Triton model), the check falls back, per
+revision (PromQL `or`), to Triton's own statistics:
 - error rate = increase(nv_inference_request_failure) / increase(failure + success), summed over
   every pod of the revision. Triton counts a request as failed when the backend fails it (a
   python model's `execute` raising, an ONNX/TensorRT error), when it is rejected (queue full) or
@@ -36,7 +47,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .units import parse_duration, parse_quantity
 
@@ -60,20 +73,23 @@ class Criteria:
     failure_limit: int = DEFAULT_FAILURE_LIMIT
     max_error_rate: float | None = None
     max_p99_ms: float | None = None
+    max_p99_ttft_ms: float | None = None
     min_requests: int = DEFAULT_MIN_REQUESTS
-    prometheus_url: str = ""  # overrides the operator's --prometheus-url for this service
+    prometheus_url: str = ""  # the service's own Prometheus, if allowed (prometheus_for)
 
     @classmethod
     def from_spec(cls, section: dict | None) -> Criteria | None:
         """None when the spec asks for no analysis: steps then advance on their pauses alone."""
         if section is None:
             return None
-        error_rate, p99 = section.get("maxErrorRate"), section.get("maxP99Latency")
+        error_rate, p99, ttft = section.get("maxErrorRate"), section.get("maxP99Latency"), section.get(
+            "maxP99TimeToFirstToken")
         return cls(
             interval=parse_duration(section.get("interval") or DEFAULT_INTERVAL),
             failure_limit=int(section.get("failureLimit", DEFAULT_FAILURE_LIMIT)),
             max_error_rate=float(parse_quantity(error_rate)) if error_rate is not None else None,
             max_p99_ms=parse_duration(p99) * 1000 if p99 else None,
+            max_p99_ttft_ms=parse_duration(ttft) * 1000 if ttft else None,
             min_requests=int(section.get("minRequests", DEFAULT_MIN_REQUESTS)),
             prometheus_url=(section.get("prometheus") or {}).get("url", ""),
         )
@@ -81,11 +97,13 @@ class Criteria:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One revision's numbers over the window. `p99_ms` is None when no latency was exported."""
+    """One revision's numbers over the window. `p99_ms` / `p99_ttft_ms` are None when no latency
+    (time to first token) was exported."""
 
     requests: float
     failures: float
     p99_ms: float | None = None
+    p99_ttft_ms: float | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -97,6 +115,8 @@ class Measurement:
             parts.append(f"error rate {self.error_rate:.2%}")
         if self.p99_ms is not None:
             parts.append(f"p99 {self.p99_ms:.0f}ms")
+        if self.p99_ttft_ms is not None:
+            parts.append(f"p99 time to first token {self.p99_ttft_ms:.0f}ms")
         return ", ".join(parts)
 
     def to_status(self) -> dict:
@@ -105,6 +125,8 @@ class Measurement:
             out["errorRate"] = f"{self.error_rate:.4f}"
         if self.p99_ms is not None:
             out["p99LatencyMs"] = round(self.p99_ms, 1)
+        if self.p99_ttft_ms is not None:
+            out["p99TimeToFirstTokenMs"] = round(self.p99_ttft_ms, 1)
         return out
 
 
@@ -130,17 +152,25 @@ def _window(seconds: float) -> str:
 
 
 def queries(namespace: str, service: str, model: str, revisions: list[str], window: float) -> dict[str, str]:
-    """The three instant queries of one check, each grouped by revision so one answer covers the
-    canary and the stable pods."""
+    """The instant queries of one check, each grouped by revision so one answer covers the canary
+    and the stable pods: the engine's metrics, or Triton's for a revision that publishes none."""
     revs = "|".join(revisions)
     sel = (f'{NAMESPACE_LABEL}="{namespace}",{SERVICE_LABEL}="{service}",{MODEL_LABEL}="{model}",'
            f'{REVISION_LABEL}=~"{revs}"')
     w, by = _window(window), f"sum by ({REVISION_LABEL})"
+
+    def p99_us(histogram: str) -> str:
+        return (f"1e6 * histogram_quantile(0.99, sum by (le, {REVISION_LABEL}) "
+                f"(rate({histogram}_bucket{{{sel}}}[{w}])))")
+
     return {
-        "failures": f"{by} (increase(nv_inference_request_failure{{{sel}}}[{w}]))",
-        "successes": f"{by} (increase(nv_inference_request_success{{{sel}}}[{w}]))",
-        "p99_us": (f"max by ({REVISION_LABEL}) "
+        "failures": (f"{by} (increase(llmserve:request_failure_total{{{sel}}}[{w}]))"
+                     f" or {by} (increase(nv_inference_request_failure{{{sel}}}[{w}]))"),
+        "successes": (f"{by} (increase(vllm:request_success_total{{{sel}}}[{w}]))"
+                      f" or {by} (increase(nv_inference_request_success{{{sel}}}[{w}]))"),
+        "p99_us": (f"{p99_us('vllm:e2e_request_latency_seconds')} or max by ({REVISION_LABEL}) "
                    f'(max_over_time(nv_inference_request_summary_us{{{sel},quantile="0.99"}}[{w}]))'),
+        "p99_ttft_us": p99_us("vllm:time_to_first_token_seconds"),
     }
 
 
@@ -148,19 +178,23 @@ def measurements(results: dict[str, dict[str, float]], revisions: list[str]) -> 
     """Per-revision measurements from query results (`{query key: {revision: value}}`).
 
     A revision absent from both request counters has no series in the window (not scraped yet,
-    or no pod): it gets no measurement. NaN (a summary with no observations in Triton's window)
-    means no latency.
+    or no pod): it gets no measurement. NaN (a summary with no observations in Triton's window, a
+    histogram without requests) means no latency.
     """
+    def ms(key: str, rev: str) -> float | None:
+        value = results.get(key, {}).get(rev)
+        return value / 1000 if value is not None and not math.isnan(value) else None
+
     out = {}
     for rev in revisions:
         failures, successes = results["failures"].get(rev), results["successes"].get(rev)
         if failures is None and successes is None:
             continue
-        p99 = results["p99_us"].get(rev)
         out[rev] = Measurement(
             requests=(failures or 0.0) + (successes or 0.0),
             failures=failures or 0.0,
-            p99_ms=p99 / 1000 if p99 is not None and not math.isnan(p99) else None,
+            p99_ms=ms("p99_us", rev),
+            p99_ttft_ms=ms("p99_ttft_us", rev),
         )
     return out
 
@@ -182,10 +216,17 @@ def judge(criteria: Criteria, canary: Measurement | None, stable: Measurement | 
     if criteria.max_p99_ms is not None:
         if canary.p99_ms is None:
             return Verdict(INCONCLUSIVE, f"no p99 latency exported for the canary in the last {span} "
-                           f"(is tritonserver running with --metrics-config=summary_latencies=true?); {what}",
+                           f"(neither the engine's vllm:e2e_request_latency_seconds nor Triton's summary: is "
+                           f"tritonserver running with --metrics-config=summary_latencies=true?); {what}",
                            canary, stable)
         if canary.p99_ms > criteria.max_p99_ms:
             breaches.append(f"p99 {canary.p99_ms:.0f}ms > {criteria.max_p99_ms:.0f}ms")
+    if criteria.max_p99_ttft_ms is not None:
+        if canary.p99_ttft_ms is None:
+            return Verdict(INCONCLUSIVE, f"no time to first token exported for the canary in the last {span} "
+                           f"(vllm:time_to_first_token_seconds; engine models publish it); {what}", canary, stable)
+        if canary.p99_ttft_ms > criteria.max_p99_ttft_ms:
+            breaches.append(f"p99 time to first token {canary.p99_ttft_ms:.0f}ms > {criteria.max_p99_ttft_ms:.0f}ms")
     if breaches:
         return Verdict(FAIL, f"{' and '.join(breaches)} ({what})", canary, stable)
     return Verdict(PASS, what, canary, stable)
@@ -232,9 +273,39 @@ class PrometheusClient:
         return [(item["metric"], float(item["value"][1])) for item in data["result"]]
 
 
+class PrometheusNotAllowed(ValueError):
+    """The spec names a Prometheus the operator may not query."""
+
+
+def prometheus_for(requested: str, default: str, allowed: Iterable[str] = ()) -> str:
+    """The Prometheus to query for one service: the operator's (`default`), or the one its spec
+    names if that is on the operator's origin or an allowed one (`scheme://host:port` exactly,
+    `scheme://host` on any port). The operator fetches no other URL on a tenant's behalf; the CRD
+    refuses the rest already (chart values prometheus.url and prometheus.allowedUrls), this covers
+    objects stored before the allowlist changed."""
+    if not requested:
+        return default
+    url = urlsplit(requested)
+    if url.scheme in ("http", "https") and url.hostname and not (url.username or url.password):
+        port = url.port
+        for origin, any_port in [(default, False)] * bool(default) + [(a, True) for a in allowed]:
+            entry = urlsplit(origin)
+            if (url.scheme, url.hostname) == (entry.scheme, entry.hostname) and (
+                    port == entry.port or (any_port and entry.port is None)):
+                return requested
+    raise PrometheusNotAllowed(
+        f"spec.rollout.analysis.prometheus.url {requested!r} is not the operator's Prometheus nor on an allowed "
+        "origin (chart values prometheus.url, prometheus.allowedUrls): not queried")
+
+
 async def analyze(prometheus_url: str, criteria: Criteria, *, namespace: str, service: str, model: str,
-                  canary: str, stable: str) -> Verdict:
-    """Run one check of `canary` against `stable` (revision names) over the last interval."""
+                  canary: str, stable: str, allowed: Iterable[str] = ()) -> Verdict:
+    """Run one check of `canary` against `stable` (revision names) over the last interval, on the
+    operator's Prometheus (`prometheus_url`) or the service's own if `allowed` (prometheus_for)."""
+    try:
+        prometheus_url = prometheus_for(criteria.prometheus_url, prometheus_url, allowed)
+    except PrometheusNotAllowed as exc:
+        return Verdict(INCONCLUSIVE, str(exc))
     if not prometheus_url:
         return Verdict(INCONCLUSIVE, "no Prometheus to analyze with: set spec.rollout.analysis.prometheus.url "
                        "or the operator's --prometheus-url (chart value prometheus.url)")

@@ -102,6 +102,18 @@ METRICS = {m.key: m for m in (
         "100 * avg by (${by}) (nv_gpu_utilization{${sel}})",
         per_pod=False,
         meaning="average GPU utilization of the service's pods, in percent (target e.g. 80)"),
+    # The engine's own view (docs/engines.md#metrics): an LLM engine batches inside the model, so
+    # Triton's queue stays empty while requests wait for a batch slot or for KV-cache room.
+    LoadMetric(
+        "waitingRequests", "llmserve_waiting_requests", "vllm:num_requests_waiting",
+        "sum by (${by}) (vllm:num_requests_waiting{${sel}})",
+        per_pod=True,
+        meaning="requests the engine holds waiting for a batch slot or KV-cache room, per pod"),
+    LoadMetric(
+        "kvCacheUsage", "llmserve_kv_cache_usage", "vllm:kv_cache_usage_perc",
+        "avg by (${by}) (vllm:kv_cache_usage_perc{${sel}})",
+        per_pod=False,
+        meaning="average fraction of the engine's KV cache in use over the service's pods (target e.g. 800m)"),
 )}
 
 

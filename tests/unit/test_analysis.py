@@ -8,7 +8,8 @@ import math
 import pytest
 
 from llmserve.operator.analysis import (
-    FAIL, INCONCLUSIVE, PASS, Criteria, Measurement, analyze, judge, measurements, queries,
+    FAIL, INCONCLUSIVE, PASS, Criteria, Measurement, PrometheusNotAllowed, analyze, judge, measurements,
+    prometheus_for, queries,
 )
 
 CRITERIA = Criteria(interval=30, max_error_rate=0.01, max_p99_ms=500, min_requests=10)
@@ -18,10 +19,32 @@ STABLE = Measurement(requests=200, failures=0, p99_ms=40)
 def test_queries_select_one_service_model_and_both_revisions_by_relabeled_pod_labels():
     q = queries("team-a", "chat", "tiny", ["v2-aaaaaa", "v1-bbbbbb"], 30)
     sel = 'namespace="team-a",llmserve_io_service="chat",model="tiny",llmserve_io_revision=~"v2-aaaaaa|v1-bbbbbb"'
-    assert q["failures"] == f"sum by (llmserve_io_revision) (increase(nv_inference_request_failure{{{sel}}}[30s]))"
-    assert q["successes"] == f"sum by (llmserve_io_revision) (increase(nv_inference_request_success{{{sel}}}[30s]))"
-    assert q["p99_us"] == ("max by (llmserve_io_revision) "
+    by = "sum by (llmserve_io_revision)"
+    # The engine's metrics first; Triton's statistics for a revision whose model publishes none.
+    assert q["failures"] == (f"{by} (increase(llmserve:request_failure_total{{{sel}}}[30s]))"
+                             f" or {by} (increase(nv_inference_request_failure{{{sel}}}[30s]))")
+    assert q["successes"] == (f"{by} (increase(vllm:request_success_total{{{sel}}}[30s]))"
+                              f" or {by} (increase(nv_inference_request_success{{{sel}}}[30s]))")
+    assert q["p99_us"] == ("1e6 * histogram_quantile(0.99, sum by (le, llmserve_io_revision) "
+                           f"(rate(vllm:e2e_request_latency_seconds_bucket{{{sel}}}[30s])))"
+                           " or max by (llmserve_io_revision) "
                            f'(max_over_time(nv_inference_request_summary_us{{{sel},quantile="0.99"}}[30s]))')
+    assert q["p99_ttft_us"] == ("1e6 * histogram_quantile(0.99, sum by (le, llmserve_io_revision) "
+                                f"(rate(vllm:time_to_first_token_seconds_bucket{{{sel}}}[30s])))")
+
+
+def test_time_to_first_token_is_measured_and_judged():
+    found = measurements({"failures": {"c": 0.0}, "successes": {"c": 40.0}, "p99_us": {"c": 900_000.0},
+                          "p99_ttft_us": {"c": 700_000.0}}, ["c"])
+    assert found["c"] == Measurement(requests=40, failures=0, p99_ms=900, p99_ttft_ms=700)
+    criteria = Criteria(interval=30, max_p99_ttft_ms=500, min_requests=10)
+    verdict = judge(criteria, found["c"], STABLE, 30)
+    assert verdict.result == FAIL and "p99 time to first token 700ms > 500ms" in verdict.message
+    assert verdict.to_status()["canary"]["p99TimeToFirstTokenMs"] == 700
+    assert judge(criteria, Measurement(40, 0, 900, 300), STABLE, 30).result == PASS
+    missing = judge(criteria, Measurement(40, 0, 900), STABLE, 30)
+    assert missing.result == INCONCLUSIVE and "no time to first token" in missing.message
+    assert Criteria.from_spec({"maxP99TimeToFirstToken": "250ms"}).max_p99_ttft_ms == 250
 
 
 def test_measurements_read_results_per_revision():
@@ -73,3 +96,39 @@ def test_criteria_from_spec():
 def test_no_prometheus_configured_is_inconclusive():
     verdict = asyncio.run(analyze("", CRITERIA, namespace="n", service="s", model="m", canary="c", stable="s"))
     assert verdict.result == INCONCLUSIVE and "--prometheus-url" in verdict.message
+
+
+# ------------------------------------------------------------- which Prometheus a service may use
+
+OPERATOR_PROMETHEUS = "http://prometheus.monitoring.svc:9090"
+
+
+@pytest.mark.parametrize("requested,allowed,expected", [
+    ("", (), OPERATOR_PROMETHEUS),
+    ("http://prometheus.monitoring.svc:9090/prom", (), "http://prometheus.monitoring.svc:9090/prom"),
+    ("http://127.0.0.1:41234", ("http://127.0.0.1",), "http://127.0.0.1:41234"),
+    ("https://thanos.team-a.svc:10902", ("https://thanos.team-a.svc:10902",), "https://thanos.team-a.svc:10902"),
+])
+def test_a_service_may_name_the_operators_prometheus_or_an_allowed_origin(requested, allowed, expected):
+    assert prometheus_for(requested, OPERATOR_PROMETHEUS, allowed) == expected
+
+
+@pytest.mark.parametrize("requested,allowed", [
+    ("http://169.254.169.254/latest/meta-data", ()),  # cloud metadata: the classic SSRF target
+    ("http://prometheus.monitoring.svc:9091", ()),  # another port of the operator's host
+    ("https://prometheus.monitoring.svc:9090", ()),  # another scheme
+    ("http://user:secret@prometheus.monitoring.svc:9090", ()),
+    ("http://127.0.0.1.evil.example:80", ("http://127.0.0.1",)),
+    ("http://thanos.team-a.svc:9090", ("https://thanos.team-a.svc:10902",)),
+    ("file:///etc/passwd", ("http://127.0.0.1",)),
+])
+def test_any_other_url_is_refused(requested, allowed):
+    with pytest.raises(PrometheusNotAllowed, match="spec.rollout.analysis.prometheus.url"):
+        prometheus_for(requested, OPERATOR_PROMETHEUS, allowed)
+
+
+def test_a_refused_url_is_never_fetched_and_the_check_is_inconclusive():
+    criteria = Criteria(prometheus_url="http://169.254.169.254/latest/meta-data")
+    verdict = asyncio.run(analyze(OPERATOR_PROMETHEUS, criteria, namespace="ns", service="chat", model="m",
+                                  canary="v2-b", stable="v1-a"))
+    assert verdict.result == INCONCLUSIVE and "not queried" in verdict.message

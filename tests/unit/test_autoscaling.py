@@ -60,6 +60,8 @@ def test_hpa_scales_the_llmservice_through_its_scale_subresource_on_an_object_me
     ("queueLatency", "llmserve_queue_seconds", {"type": "Value", "value": "1500m"}),
     ("pendingRequests", "llmserve_pending_requests", {"type": "AverageValue", "averageValue": "1500m"}),
     ("gpuUtilization", "llmserve_gpu_utilization", {"type": "Value", "value": "1500m"}),
+    ("waitingRequests", "llmserve_waiting_requests", {"type": "AverageValue", "averageValue": "1500m"}),
+    ("kvCacheUsage", "llmserve_kv_cache_usage", {"type": "Value", "value": "1500m"}),
 ])
 def test_each_signal_has_its_metric_and_target_type(key, name, target):
     hpa = a.horizontal_pod_autoscaler(make({"maxReplicas": 3, "metric": key, "target": "1500m"}))
@@ -229,3 +231,11 @@ def test_cli_writes_the_adapter_config(tmp_path, capsys):
     assert (tmp_path / "config.yaml").read_text() == render()
     assert main(["autoscaling", "adapter-config"]) == 0
     assert capsys.readouterr().out == render()
+
+
+def test_engine_signals_read_the_engine_metrics_of_every_pod_of_the_service():
+    waiting = a.service_query(a.METRICS["waitingRequests"], "ns", "svc")
+    assert waiting == ('sum by (namespace,llmserve_io_service) '
+                       '(vllm:num_requests_waiting{namespace="ns",llmserve_io_service="svc"})')
+    assert a.service_query(a.METRICS["kvCacheUsage"], "ns", "svc").startswith("avg by (namespace,llmserve_io_service) "
+                                                                              "(vllm:kv_cache_usage_perc{")
