@@ -1,13 +1,21 @@
-"""Fleet benchmark of the operator on the local test bed (issue 3, item 5).
+"""Fleet benchmark of the operator on the local test bed: the operator against a baseline.
 
-For each fleet size N it starts a fresh test bed with enough simulated GPU nodes, installs the
-chart, runs the operator locally as the chart's ServiceAccount, creates N LLMServices and reports:
+For each fleet size N it runs, each on a fresh test bed of the same shape (enough simulated GPU
+nodes, the chart installed, the model repository claim `models` in the namespace):
 
-- time from the first create (a burst of N POSTs) until every LLMService is Ready;
-- API requests per reconcile (the operator counts every request its reconciles make);
-- writes during one steady-state minute: the operator's own count, and the API server's count of
-  writes to LLMServices, their children and Events (apiserver_request_total);
-- the operator's peak RSS (VmHWM).
+- baseline: the children the operator renders for N LLMServices (Deployment, Services, PDB),
+  created directly by a burst of POSTs, without the operator; timed until every Deployment is
+  Available. This is what the API server, scheduler and controllers need anyway.
+- operator: N LLMServices created by the same burst, with the operator running locally as the
+  chart's ServiceAccount; timed until every LLMService is Ready. Also:
+  - API requests per new service and per reconcile (the operator counts every request);
+  - writes during one steady-state minute: the operator's own count, and the API server's count of
+    writes to LLMServices, their children and Events (apiserver_request_total);
+  - the operator's peak RSS (VmHWM).
+
+The table prints both and the ratio operator/baseline. Goals at N = 1,000 (issue 11): all Ready
+in < 60 s, <= 1.25x the baseline, <= 6 API requests per new service, 0 writes in a steady minute,
+peak RSS < 250 MiB.
 
 Run (after hack/setup.sh):  ~/.cache/llmserve/venv/bin/python bench/fleet.py --sizes 100,1000
 Results are also written as JSON to bench/results/fleet-<N>.json.
@@ -26,34 +34,50 @@ import time
 from pathlib import Path
 
 from llmserve.operator.kube import KubeClient, load_config
-from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
+from llmserve.operator.render import Images, desired_children
+from llmserve.operator.spec import Spec
 from llmserve.testbed.cluster import TestBed
+from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
+from llmserve.testbed.storage import model_repository
 
 NAMESPACE = "fleet"
 PODS_PER_NODE = 100  # KWOK nodes advertise 110 pods
 OUR_RESOURCES = {"llmservices", "deployments", "services", "poddisruptionbudgets", "events"}
 WRITE_VERBS = {"POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION"}
 METRIC = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
+MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repo"  # behind the claim; pods are simulated
+IMAGES = Images(puller="llmserve/llmserve:bench", predictor="llmserve/predictor:bench")
 
 
 def manifest(i: int) -> dict:
     return {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
             "metadata": {"name": f"svc-{i:04d}", "namespace": NAMESPACE},
-            "spec": {"model": {"name": "tiny-gpt", "repository": "file:///var/lib/llmserve/model_repo",
-                               "version": 1},
+            "spec": {"model": {"name": "tiny-gpt", "repository": "pvc://models", "version": 1},
                      "replicas": 1, "runtime": {"gpus": 1}}}
 
 
-async def create_all(bed: TestBed, n: int, concurrency: int = 16) -> None:
-    """Create the fleet as a burst (kubectl would take ~0.4 s per object on this machine)."""
+def baseline_children(i: int) -> list[dict]:
+    """What the operator creates for LLMService i, without an owner (nothing owns them here)."""
+    obj = manifest(i)
+    obj["metadata"]["uid"] = "baseline"
+    children = desired_children(Spec.from_object(obj), IMAGES)
+    for child in children:
+        del child["metadata"]["ownerReferences"]
+    return children
+
+
+async def create_all(bed: TestBed, groups: list[list[dict]], concurrency: int = 16) -> None:
+    """Create each group's objects in order, the groups concurrently: a burst (kubectl would take
+    ~0.4 s per object on this machine)."""
     limit = asyncio.Semaphore(concurrency)
 
-    async def create(client: KubeClient, i: int) -> None:
+    async def create(client: KubeClient, group: list[dict]) -> None:
         async with limit:
-            await client.create(manifest(i))
+            for obj in group:
+                await client.create(obj)
 
     async with KubeClient(load_config(str(bed.kubeconfig)), user_agent="fleet-bench") as client:
-        await asyncio.gather(*(create(client, i) for i in range(n)))
+        await asyncio.gather(*(create(client, group) for group in groups))
 
 
 def apiserver_writes(bed: TestBed) -> dict[str, int]:
@@ -69,11 +93,54 @@ def apiserver_writes(bed: TestBed) -> dict[str, int]:
     return out
 
 
-def ready_count(bed: TestBed) -> int:
-    out = bed.kubectl("get", "llms", "-n", NAMESPACE, "-o",
-                      'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}',
-                      timeout=120).stdout
+def condition_count(bed: TestBed, resource: str, condition: str) -> int:
+    """How many objects of `resource` in the namespace have `condition` True."""
+    out = bed.kubectl("get", resource, "-n", NAMESPACE, "-o",
+                      f'jsonpath={{range .items[*]}}{{.status.conditions[?(@.type=="{condition}")].status}}'
+                      '{"\\n"}{end}', timeout=120).stdout
     return sum(1 for line in out.splitlines() if line.strip() == "True")
+
+
+def wait_until(n: int, what: str, count, started: float, timeout: float, alive=lambda: None) -> float:
+    """Poll `count()` until it reaches n; returns the seconds since `started`."""
+    done = 0
+    while done < n:
+        alive()
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"only {done}/{n} {what} after {timeout:.0f}s")
+        time.sleep(2)
+        done = count()
+        print(f"[fleet {n}] {done}/{n} {what} after {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+    return time.monotonic() - started
+
+
+def fresh_bed(n: int, label: str) -> TestBed:
+    """A test bed sized for n single-GPU pods, with the chart and the namespace's model claim."""
+    nodes = math.ceil(n / PODS_PER_NODE) + 1
+    bed = TestBed(f"bench-fleet-{label}-{n}")
+    print(f"[fleet {n}] {label}: starting a test bed with {nodes} nodes", file=sys.stderr, flush=True)
+    bed.up(nodes=nodes, gpus=PODS_PER_NODE, timeout=300)
+    try:
+        install_chart(bed)
+        bed.kubectl("wait", "--for=condition=Established", "crd/llmservices.llmserve.io", "--timeout=60s")
+        bed.kubectl("create", "namespace", NAMESPACE)
+        model_repository(bed, NAMESPACE, MODEL_REPOSITORY)
+    except BaseException:
+        bed.down()
+        raise
+    return bed
+
+
+def run_baseline(n: int, timeout: float) -> float:
+    """Seconds until the same children, created without the operator, are all Available."""
+    bed = fresh_bed(n, "baseline")
+    try:
+        started = time.monotonic()
+        asyncio.run(create_all(bed, [baseline_children(i) for i in range(n)]))
+        return wait_until(n, "Deployments Available", lambda: condition_count(bed, "deployments", "Available"),
+                          started, timeout)
+    finally:
+        bed.down()
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -84,34 +151,23 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
-    nodes = math.ceil(n / PODS_PER_NODE) + 1
-    bed = TestBed(f"bench-fleet-{n}")
-    print(f"[fleet {n}] starting a test bed with {nodes} nodes", file=sys.stderr, flush=True)
-    bed.up(nodes=nodes, gpus=PODS_PER_NODE, timeout=300)
+    baseline = run_baseline(n, timeout)
+    bed = fresh_bed(n, "operator")
     operator = None
     try:
-        install_chart(bed)
-        bed.kubectl("wait", "--for=condition=Established", "crd/llmservices.llmserve.io", "--timeout=60s")
         kubeconfig = service_account_kubeconfig(bed, workdir / f"operator-{n}.kubeconfig")
         # One replica, no election: a lease renewal starved by a saturated machine would stop it.
         operator = LocalOperator(kubeconfig, workdir / f"operator-{n}.log", identity="bench",
                                  extra_args=("--no-leader-election",)).start().wait_leading()
-        bed.kubectl("create", "namespace", NAMESPACE)
 
-        started = time.monotonic()
-        asyncio.run(create_all(bed, n))
-        applied = time.monotonic() - started
-        ready = 0
-        while ready < n:
+        def alive() -> None:
             if operator.returncode() is not None:
                 raise RuntimeError(f"the operator exited ({operator.returncode()}):\n{operator.log()}")
-            if time.monotonic() - started > timeout:
-                raise RuntimeError(f"only {ready}/{n} Ready after {timeout:.0f}s; operator log:\n{operator.log()}")
-            time.sleep(2)
-            ready = ready_count(bed)
-            print(f"[fleet {n}] {ready}/{n} Ready after {time.monotonic() - started:.0f}s",
-                  file=sys.stderr, flush=True)
-        all_ready = time.monotonic() - started
+
+        started = time.monotonic()
+        asyncio.run(create_all(bed, [[manifest(i)] for i in range(n)]))
+        all_ready = wait_until(n, "LLMServices Ready", lambda: condition_count(bed, "llms", "Ready"),
+                               started, timeout, alive)
         converged = operator.metrics()
 
         # Let trailing events (last pod and Deployment status updates) drain, then measure a minute.
@@ -126,11 +182,13 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
         server_after = apiserver_writes(bed)
 
         reconciles = converged["llmserve_operator_reconciles_total"]
-        result = {
+        return {
             "llmservices": n,
-            "nodes": nodes,
-            "seconds_to_apply": round(applied, 1),
+            "nodes": math.ceil(n / PODS_PER_NODE) + 1,
+            "baseline_seconds_until_all_available": round(baseline, 1),
             "seconds_until_all_ready": round(all_ready, 1),
+            "ratio_to_baseline": round(all_ready / baseline, 2),
+            "api_requests_per_llmservice": round(converged["llmserve_operator_reconcile_requests_total"] / n, 2),
             "reconciles": int(reconciles),
             "api_requests_per_reconcile": round(converged["llmserve_operator_reconcile_requests_total"] / reconciles, 2),
             "max_api_requests_in_one_reconcile": int(converged["llmserve_operator_reconcile_requests_max"]),
@@ -142,7 +200,6 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
             "steady_apiserver_writes": {r: server_after.get(r, 0) - server_before.get(r, 0) for r in OUR_RESOURCES},
             "operator_peak_rss_mib": round(peak_rss_mib(operator.pid), 1),
         }
-        return result
     finally:
         if operator:
             operator.stop()
@@ -152,7 +209,10 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
 def table(results: list[dict]) -> str:
     rows = [
         ("LLMServices", "llmservices"), ("fake GPU nodes", "nodes"),
-        ("time until all Ready (s)", "seconds_until_all_ready"),
+        ("baseline: all Deployments Available (s)", "baseline_seconds_until_all_available"),
+        ("operator: all LLMServices Ready (s)", "seconds_until_all_ready"),
+        ("ratio operator / baseline", "ratio_to_baseline"),
+        ("API requests per new LLMService", "api_requests_per_llmservice"),
         ("reconciles until then", "reconciles"),
         ("API requests per reconcile", "api_requests_per_reconcile"),
         ("max API requests in one reconcile", "max_api_requests_in_one_reconcile"),
@@ -174,7 +234,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000", help="comma-separated fleet sizes (default 100,1000)")
     parser.add_argument("--steady-seconds", type=float, default=60.0)
-    parser.add_argument("--timeout", type=float, default=3600.0, help="per size, until all Ready")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="per size and run, until all Ready")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the operator and the test bed
     out = Path(__file__).parent / "results"
