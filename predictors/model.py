@@ -15,21 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.protocol.dataplane import DataPlane
 
 from .metrics import Admission, RequestRecord
-from .protocol import APIError, Usage
-from .triton import ModelInterface, Triton, grpcclient
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One response of the generate model: the whole text, or the next piece when streaming."""
-
-    text: str
-    finish_reason: str | None  # None until the last response
-    usage: Usage
+from .protocol import APIError, Chunk, Generation, Usage
+from .triton import ModelInterface, Triton, generate_chunk, grpcclient
 
 
 @dataclass(frozen=True)
@@ -98,28 +90,38 @@ class TritonModel(Model):
                              infer_outputs=outputs, use_binary_outputs=payload.use_binary_outputs,
                              requested_outputs=payload.request_outputs)
 
-    async def _generate_inputs(self, fields: Mapping[str, Any]) -> list[Any]:
+    async def _generate_inputs(self, fields: Mapping[str, Any], engine_parameters: Mapping[str, Any]) -> list[Any]:
         interface = await self.interface()
         if interface.task != "generate":
             raise APIError(400, f"model {self.name!r} is not a text generation model", param="model",
                            code="model_not_supported")
-        return [
+        inputs = [
             interface.tensor(name, [value if isinstance(value, list) else [value]])
             for name, value in fields.items()
             if value is not None and value != []
         ]
+        if engine_parameters:
+            interface.check_engine_parameters(engine_parameters)
+            inputs.append(interface.tensor("sampling_parameters", [[orjson.dumps(engine_parameters)]]))
+        return inputs
 
-    async def generate(self, fields: Mapping[str, Any], request_id: str) -> Chunk:
-        """One complete generation. ``fields`` are the generate model's inputs (``None`` means
-        the model's default and is not sent)."""
-        inputs = await self._generate_inputs({**fields, "stream": False})
-        return _chunk(await self.triton.infer(self.name, inputs, request_id=request_id))
-
-    async def stream(self, fields: Mapping[str, Any], request_id: str) -> AsyncIterator[Chunk]:
-        """The generation as text chunks, as the model produces them."""
-        inputs = await self._generate_inputs({**fields, "stream": True})
+    async def generate(self, fields: Mapping[str, Any], engine_parameters: Mapping[str, Any],
+                       request_id: str) -> Generation:
+        """One complete generation of ``n`` choices. ``fields`` are the generate model's own
+        inputs (``None`` means the model's default and is not sent); ``engine_parameters`` the
+        rest (``protocol.engine_parameters``), sent only when not empty."""
+        inputs = await self._generate_inputs({**fields, "stream": False}, engine_parameters)
+        generation = Generation(engine_parameters.get("n", 1))
         async for result in self.triton.stream(self.name, inputs, request_id=request_id):
-            yield _chunk(result)
+            generation.add(generate_chunk(result))
+        return generation
+
+    async def stream(self, fields: Mapping[str, Any], engine_parameters: Mapping[str, Any],
+                     request_id: str) -> AsyncIterator[Chunk]:
+        """The generation as text chunks, as the model produces them (choices interleave)."""
+        inputs = await self._generate_inputs({**fields, "stream": True}, engine_parameters)
+        async for result in self.triton.stream(self.name, inputs, request_id=request_id):
+            yield generate_chunk(result)
 
     async def embed(self, texts: list[str]) -> Embeddings:
         """Embeddings of ``texts``, one batch row each, in one Triton request."""
@@ -131,18 +133,6 @@ class TritonModel(Model):
                                          outputs=["embedding", "token_count"])
         vectors = result.as_numpy("embedding").reshape(len(texts), -1)
         return Embeddings(vectors=vectors, usage=Usage(prompt_tokens=int(result.as_numpy("token_count").sum())))
-
-
-def _chunk(result: Any) -> Chunk:
-    def scalar(name: str) -> Any:
-        return result.as_numpy(name).reshape(-1)[0]
-
-    finish = scalar("finish_reason").decode()
-    return Chunk(
-        text=scalar("text_output").decode("utf-8", "replace"),
-        finish_reason=finish or None,
-        usage=Usage(prompt_tokens=int(scalar("prompt_tokens")), completion_tokens=int(scalar("completion_tokens"))),
-    )
 
 
 class TritonDataPlane(DataPlane):

@@ -25,11 +25,11 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from .metrics import RequestRecord
-from .model import Chunk, TritonModel
+from .model import TritonModel
 from .protocol import (
-    SSE_DONE, APIError, ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, EmbeddingRequest,
-    Usage, chat_messages, check_not_empty, embedding_response, model_card, models_response, parse_request,
-    requested_max_tokens, sse_event, to_json,
+    SSE_DONE, APIError, ChatCompletionRequest, ChatFormat, Chunk, CompletionFormat, CompletionRequest,
+    EmbeddingRequest, Generation, chat_messages, check_not_empty, embedding_response, engine_parameters, model_card,
+    models_response, parse_request, requested_max_tokens, sse_event, to_json,
 )
 
 T = TypeVar("T")
@@ -79,14 +79,15 @@ class OpenAIEndpoints:
         check_not_empty(body.prompt, "prompt")
         model = self._model(body.model)
         return await self._generate(request, model, body, {"text_input": body.prompt[0]},
-                                    COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionFormat(model.name), "completions")
+                                    COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionFormat(model.name, body.logprob_count),
+                                    "completions")
 
     async def chat_completions(self, request: Request) -> Response:
         body = parse_request(ChatCompletionRequest, await request.body())
         messages = chat_messages(body)
         model = self._model(body.model)
         return await self._generate(request, model, body, {"messages": to_json(messages)},
-                                    None, ChatFormat(model.name), "chat.completions")
+                                    None, ChatFormat(model.name, body.logprob_count), "chat.completions")
 
     async def embeddings(self, request: Request) -> Response:
         body = parse_request(EmbeddingRequest, await request.body())
@@ -109,6 +110,7 @@ class OpenAIEndpoints:
         ``default_max_tokens`` the budget when the request names none (None: the whole budget)."""
         record = RequestRecord(model.name, endpoint)
         try:
+            extras = engine_parameters(body)
             budget = await model.token_budget()
             max_tokens = requested_max_tokens(body, default_max_tokens or budget, budget)
             fields = {**prompt, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
@@ -120,14 +122,14 @@ class OpenAIEndpoints:
         if not body.stream:
             try:
                 with slot:
-                    result = await _unless_disconnected(request, model.generate(fields, fmt.id))
+                    result = await _unless_disconnected(request, model.generate(fields, extras, fmt.id))
             except BaseException as exc:
                 record.fail(exc)
                 raise
             record.finish(200, result.usage)
-            return _json(fmt.response(result.text, result.finish_reason or "stop", result.usage))
+            return _json(fmt.response(result.choices(), result.usage))
 
-        chunks = model.stream(fields, fmt.id)
+        chunks = model.stream(fields, extras, fmt.id)
         try:
             first = await _unless_disconnected(request, anext(chunks))
         except BaseException as exc:
@@ -144,38 +146,39 @@ class OpenAIEndpoints:
             slot.release()
             await chunks.aclose()
 
-        return StreamingResponse(_events(first, chunks, fmt, body.include_usage, record, close),
+        return StreamingResponse(_events(first, chunks, fmt, body.n, body.include_usage, record, close),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(close))
 
 
-async def _events(first: Chunk, chunks: AsyncIterator[Chunk], fmt: CompletionFormat, include_usage: bool,
+async def _events(first: Chunk, chunks: AsyncIterator[Chunk], fmt: CompletionFormat, n: int, include_usage: bool,
                   record: RequestRecord, close: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
     """The SSE body of a stream whose first chunk has arrived.
 
-    When the client disconnects, Starlette cancels this generator at its current ``await``: the
-    ``finally`` closes ``chunks``, which cancels the gRPC stream and so the request in Triton.
-    An error after the first chunk can only be reported in the stream, as an ``error`` event
-    (the official client raises it), followed by no ``[DONE]``.
+    Choices interleave (``index``); the stream ends when all ``n`` have finished (or the model
+    ends it). When the client disconnects, Starlette cancels this generator at its current
+    ``await``: the ``finally`` closes ``chunks``, which cancels the gRPC stream and so the request
+    in Triton. An error after the first chunk can only be reported in the stream, as an ``error``
+    event (the official client raises it), followed by no ``[DONE]``.
     """
-    usage: Usage | None = None
+    generation = Generation(n)
     try:
-        opening = fmt.first_chunk()
-        if opening is not None:
+        for opening in fmt.first_chunks(n):
             yield sse_event(opening)
         chunk: Chunk | None = first
         while chunk is not None:
-            if chunk.text:
-                yield sse_event(fmt.chunk(chunk.text))
-            usage = chunk.usage
+            generation.add(chunk)
+            if chunk.text or chunk.logprobs:
+                yield sse_event(fmt.chunk(chunk.index, chunk.text, chunk.logprobs))
             if chunk.finish_reason is not None:
-                yield sse_event(fmt.finish_chunk(chunk.finish_reason))
-                break
+                yield sse_event(fmt.finish_chunk(chunk.index, chunk.finish_reason))
+                if generation.done:
+                    break
             chunk = await anext(chunks, None)
-        if include_usage and usage is not None:
-            yield sse_event(fmt.usage_chunk(usage))
+        if include_usage:
+            yield sse_event(fmt.usage_chunk(generation.usage))
         yield SSE_DONE
-        record.finish(200, usage)
+        record.finish(200, generation.usage)
     except APIError as exc:
         record.fail(exc)
         yield sse_event(exc.openai_body())
@@ -184,7 +187,7 @@ async def _events(first: Chunk, chunks: AsyncIterator[Chunk], fmt: CompletionFor
         raise
     finally:
         # Still unrecorded here: the client went away (cancellation or generator close).
-        record.finish(499, usage)
+        record.finish(499, generation.usage)
         await close()
 
 

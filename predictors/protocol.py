@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -109,29 +109,70 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    """``response_format.json_schema``: OpenAI's named JSON Schema for structured output."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type 'json_schema' and allowed only with it")
+        return self
+
+
 class _Generation(_Strict):
     """Sampling fields shared by completions and chat completions. ``None`` means "the model's
-    default" (for the shipped generate model: greedy decoding, top_p 1, no seed)."""
+    default" (greedy decoding for the shipped models unless a temperature is given).
+
+    ``temperature``, ``top_p``, ``seed``, ``stop`` and ``max_tokens`` are tensors of their own
+    in every generate model; the rest (``engine_parameters``) travel as one JSON tensor that only
+    the vLLM model declares (docs/engines.md). ``top_k`` is an extension (vLLM's own server takes
+    it too); ``response_format`` is accepted on completions as well, like vLLM's server.
+    """
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     stop: StringList | None = Field(default=None, max_length=4)
+    n: int = Field(default=1, ge=1, le=128)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
     user: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def logprob_count(self) -> int | None:
+        """Alternatives per token to report (0: only the chosen token's), None: no logprobs."""
+        return None
+
 
 class CompletionRequest(_Generation):
     # One prompt per request: a list is accepted (clients send ["..."]) but must hold one string.
     prompt: Annotated[StringList, Field(min_length=1, max_length=1)]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(_Strict):
@@ -144,6 +185,12 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     # OpenAI's newer name for max_tokens; both are accepted, at most one may be given.
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @property
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class EmbeddingRequest(_Strict):
@@ -232,6 +279,30 @@ def requested_max_tokens(request: CompletionRequest | ChatCompletionRequest, def
     return asked
 
 
+def engine_parameters(request: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    """The contract's ``sampling_parameters`` JSON object: the fields without a tensor of their
+    own, only those that change the result (``n: 1``, zero penalties, ``top_k`` -1/0 and
+    ``response_format: text`` are every engine's default, so a model without the tensor serves
+    them). Empty for a plain request, which then carries no extra tensor."""
+    extras: dict[str, Any] = {}
+    if request.top_k is not None and request.top_k > 0:
+        extras["top_k"] = request.top_k
+    if request.n != 1:
+        extras["n"] = request.n
+    if isinstance(request, ChatCompletionRequest) and request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true", param="top_logprobs",
+                       code="invalid_value")
+    if request.logprob_count is not None:
+        extras["logprobs"] = request.logprob_count
+    if request.presence_penalty:
+        extras["presence_penalty"] = request.presence_penalty
+    if request.frequency_penalty:
+        extras["frequency_penalty"] = request.frequency_penalty
+    if request.response_format is not None and request.response_format.type != "text":
+        extras["response_format"] = request.response_format.model_dump(by_alias=True, exclude_none=True)
+    return extras
+
+
 # ---------------------------------------------------------------------------------------------
 # Responses
 
@@ -246,16 +317,83 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One response of a generate model (model_repo/README.md): the whole text of choice
+    ``index``, or its next piece when streaming, with that choice's token counts so far and the
+    log probabilities of this piece's tokens (``[{"token", "logprob", "top_logprobs"}]``)."""
+
+    text: str
+    finish_reason: str | None  # None until the choice's last response
+    usage: Usage
+    index: int = 0
+    logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: list[dict[str, Any]] | None
+
+
+class Generation:
+    """The ``n`` choices of one generation, assembled from the model's responses in arrival order
+    (choices interleave; the pieces of one choice concatenate)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._texts: dict[int, list[str]] = {}
+        self._logprobs: dict[int, list[dict[str, Any]]] = {}
+        self._finished: dict[int, str] = {}
+        self._completion_tokens: dict[int, int] = {}
+        self._prompt_tokens = 0
+
+    def add(self, chunk: Chunk) -> None:
+        self._texts.setdefault(chunk.index, []).append(chunk.text)
+        if chunk.logprobs:
+            self._logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
+        if chunk.finish_reason is not None:
+            self._finished[chunk.index] = chunk.finish_reason
+        self._completion_tokens[chunk.index] = chunk.usage.completion_tokens
+        self._prompt_tokens = chunk.usage.prompt_tokens
+
+    @property
+    def done(self) -> bool:
+        return len(self._finished) >= self.n
+
+    @property
+    def usage(self) -> Usage:
+        """Prompt tokens once, completion tokens summed over the choices (OpenAI's counting)."""
+        return Usage(self._prompt_tokens, sum(self._completion_tokens.values()))
+
+    def choices(self) -> list[Choice]:
+        return [Choice(index, "".join(self._texts.get(index, ())), self._finished.get(index, "stop"),
+                       self._logprobs.get(index, []))
+                for index in range(self.n)]
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", "replace"))
+
+
 class CompletionFormat:
-    """Bodies of ``/v1/completions``: one ``text_completion`` object, or its stream of chunks."""
+    """Bodies of ``/v1/completions``: one ``text_completion`` object, or its stream of chunks.
+
+    ``logprobs`` is the request's (None: not asked, and every ``logprobs`` field is null); the
+    legacy shape's ``text_offset`` counts characters of each choice's text, across chunks.
+    """
 
     object = "text_completion"
     id_prefix = "cmpl-"
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, logprobs: int | None = None) -> None:
         self.model = model
+        self.logprobs = logprobs
         self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self._offsets: dict[int, int] = {}
 
     def _body(self, choices: list[dict[str, Any]], usage: Usage | None, object: str | None = None) -> dict[str, Any]:
         body = {"id": self.id, "object": object or self.object, "created": self.created, "model": self.model,
@@ -264,17 +402,32 @@ class CompletionFormat:
             body["usage"] = usage.body()
         return body
 
-    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        return self._body([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}], usage)
+    def _logprobs(self, index: int, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        entries = entries or []
+        offsets, at = [], self._offsets.get(index, 0)
+        for entry in entries:
+            offsets.append(at)
+            at += len(entry["token"])
+        self._offsets[index] = at
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs") or ()} for e in entries],
+                "text_offset": offsets}
 
-    def first_chunk(self) -> dict[str, Any] | None:
-        return None
+    def response(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
+        return self._body([{"index": c.index, "text": c.text, "logprobs": self._logprobs(c.index, c.logprobs),
+                            "finish_reason": c.finish_reason} for c in choices], usage)
 
-    def chunk(self, text: str) -> dict[str, Any]:
-        return self._body([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}], None)
+    def first_chunks(self, n: int) -> list[dict[str, Any]]:
+        return []
 
-    def finish_chunk(self, finish_reason: str) -> dict[str, Any]:
-        return self._body([{"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}], None)
+    def chunk(self, index: int, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return self._body([{"index": index, "text": text, "logprobs": self._logprobs(index, logprobs),
+                            "finish_reason": None}], None)
+
+    def finish_chunk(self, index: int, finish_reason: str) -> dict[str, Any]:
+        return self._body([{"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason}], None)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return self._body([], usage)
@@ -282,27 +435,38 @@ class CompletionFormat:
 
 class ChatFormat(CompletionFormat):
     """Bodies of ``/v1/chat/completions``: a ``chat.completion``, or ``chat.completion.chunk``s
-    that open with the assistant role and then carry content deltas."""
+    that open each choice with the assistant role and then carry content deltas."""
 
     object = "chat.completion"
     id_prefix = "chatcmpl-"
 
-    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
-        return self._body([{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}], usage)
+    def _logprobs(self, index: int, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        content = [{"token": e["token"], "logprob": e["logprob"], "bytes": _token_bytes(e["token"]),
+                    "top_logprobs": [{"token": t["token"], "logprob": t["logprob"], "bytes": _token_bytes(t["token"])}
+                                     for t in e.get("top_logprobs") or ()]}
+                   for e in entries or ()]
+        return {"content": content, "refusal": None}
 
-    def _delta(self, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def response(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
+        return self._body([{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": self._logprobs(c.index, c.logprobs), "finish_reason": c.finish_reason}
+                           for c in choices], usage)
+
+    def _delta(self, index: int, delta: dict[str, str], finish_reason: str | None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._body([choice], None, object="chat.completion.chunk")
 
-    def first_chunk(self) -> dict[str, Any]:
-        return self._delta({"role": "assistant", "content": ""}, None)
+    def first_chunks(self, n: int) -> list[dict[str, Any]]:
+        return [self._delta(index, {"role": "assistant", "content": ""}, None) for index in range(n)]
 
-    def chunk(self, text: str) -> dict[str, Any]:
-        return self._delta({"content": text}, None)
+    def chunk(self, index: int, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return self._delta(index, {"content": text}, None, self._logprobs(index, logprobs))
 
-    def finish_chunk(self, finish_reason: str) -> dict[str, Any]:
-        return self._delta({}, finish_reason)
+    def finish_chunk(self, index: int, finish_reason: str) -> dict[str, Any]:
+        return self._delta(index, {}, finish_reason)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return self._body([], usage, object="chat.completion.chunk")

@@ -16,6 +16,7 @@ cancelling that stream is how a client disconnect reaches the model (``request.i
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+import orjson
 from google.protobuf import descriptor_pool
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from .protocol import APIError
+from .protocol import APIError, Chunk, Usage
 
 
 def _import_tritonclient_grpc() -> tuple[Any, Any]:
@@ -131,6 +133,15 @@ class ModelInterface:
             return "embedding"
         return None
 
+    def check_engine_parameters(self, engine_parameters: Mapping[str, Any]) -> None:
+        """Refuse sampling fields the model has no input for (the ONNX ``generate`` model does
+        not declare ``sampling_parameters``): a 400 naming them, before Triton is called."""
+        if engine_parameters and "sampling_parameters" not in self.inputs:
+            names = ", ".join(engine_parameters)
+            raise APIError(400, f"unsupported parameter: {names} (model {self.name!r} runs on an engine without "
+                                "them; the vLLM engine has them)",
+                           param=next(iter(engine_parameters)), code="unsupported_parameter")
+
     def tensor(self, name: str, rows: Sequence[Sequence[Any]]) -> grpcclient.InferInput:
         """An input tensor holding ``rows`` (one sequence of values per batch row), shaped and
         typed as the model config declares. Raises ``APIError(400)`` for an input the model does
@@ -160,6 +171,22 @@ def _request(model: str, inputs: Sequence[grpcclient.InferInput], outputs: Seque
                               priority=0, timeout=None, parameters=None)
 
 
+_UNSUPPORTED = re.compile(r"unsupported parameter:\s*'?([A-Za-z_]+)")
+
+
+def in_band_error(message: str) -> APIError:
+    """A stream response's error. It carries only a message (the stream loses the status code),
+    so the generate models' wording (model_repo/README.md) decides: "generation failed: ..." is
+    the engine failing (500); "unsupported parameter: <name> ..." a field the engine cannot honour
+    (400 naming it); anything else is what Triton or the model said about the request (400)."""
+    if "generation failed:" in message:
+        return APIError(500, message, code="generation_failed")
+    unsupported = _UNSUPPORTED.search(message)
+    if unsupported:
+        return APIError(400, message, param=unsupported.group(1), code="unsupported_parameter")
+    return APIError(400, message)
+
+
 def _v2_datatype(config_type: str) -> str:
     """Model-config ``TYPE_FP32`` -> V2 ``FP32``; ``TYPE_STRING`` is V2's ``BYTES``."""
     name = config_type.removeprefix("TYPE_")
@@ -168,6 +195,28 @@ def _v2_datatype(config_type: str) -> str:
 
 def _bytes(value: Any) -> bytes:
     return value.encode() if isinstance(value, str) else value
+
+
+def generate_chunk(result: grpcclient.InferResult) -> Chunk:
+    """A generate model's response (model_repo/README.md) as a ``Chunk``."""
+
+    def scalar(name: str) -> Any:
+        return result.as_numpy(name).reshape(-1)[0]
+
+    def optional(name: str) -> Any:
+        """An output only some engines have (the vLLM model's ``index`` and ``logprobs``)."""
+        array = result.as_numpy(name)
+        return None if array is None or not array.size else array.reshape(-1)[0]
+
+    finish = scalar("finish_reason").decode()
+    index, logprobs = optional("index"), optional("logprobs")
+    return Chunk(
+        text=scalar("text_output").decode("utf-8", "replace"),
+        finish_reason=finish or None,
+        usage=Usage(prompt_tokens=int(scalar("prompt_tokens")), completion_tokens=int(scalar("completion_tokens"))),
+        index=0 if index is None else int(index),
+        logprobs=orjson.loads(logprobs) if logprobs else None,
+    )
 
 
 class Triton:
@@ -282,9 +331,7 @@ class Triton:
             await call.done_writing()
             async for response in call:
                 if response.error_message:
-                    # In-band errors carry only a message (the stream loses the status code);
-                    # they are what Triton or the model said about this request's content.
-                    raise APIError(400, response.error_message)
+                    raise in_band_error(response.error_message)
                 yield grpcclient.InferResult(response.infer_response)
         except grpc.RpcError as exc:
             raise self._error(exc, model, self.request_timeout) from None

@@ -148,6 +148,13 @@ def test_bad_requests_get_openai_errors(generate_service, embedding_service):
     wrong_type = refused(lambda: client.completions.create(model=model, prompt="hi", extra_body={"max_tokens": "5"}))
     assert (wrong_type["param"], wrong_type["code"]) == ("max_tokens", "invalid_value")
     assert refused(lambda: client.chat.completions.create(model=model, messages=[]))["param"] == "messages"
+    # The ONNX engine has no n, logprobs, penalties or structured output: refused before Triton.
+    unsupported = refused(lambda: client.completions.create(model=model, prompt="hi", n=2, logprobs=1))
+    assert (unsupported["code"], unsupported["param"]) == ("unsupported_parameter", "n")
+    assert "n, logprobs" in unsupported["message"]
+    no_json = refused(lambda: client.chat.completions.create(model=model, messages=MESSAGES,
+                                                             response_format={"type": "json_object"}))
+    assert no_json["param"] == "response_format"
     assert refused(lambda: client.embeddings.create(model=model, input="hi"))["code"] == "model_not_supported"
     encoder = api(embedding_service)
     assert refused(lambda: encoder.completions.create(model=embedding_service.model,
