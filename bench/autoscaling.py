@@ -31,6 +31,7 @@ from llmserve.testbed.prometheus import Prometheus
 from llmserve.testbed.scaling import (
     MODEL, MODEL_INPUTS, chart_adapter_config, first_pod, llmservice, snapshot, triton_target,
 )
+from llmserve.testbed.storage import model_repository
 from llmserve.testbed.triton import TritonServer
 from llmserve.testbed.waiting import poll
 from testbed_run import run_on_testbed
@@ -81,7 +82,8 @@ def run(bed: TestBed, args: argparse.Namespace, workdir: Path) -> dict:
     triton = prometheus = adapter = None
     try:
         bed.kubectl("create", "namespace", NAMESPACE, check=False)
-        bed.apply(llmservice(NAME, NAMESPACE, MODEL_REPO, min_replicas=1, max_replicas=args.max_replicas,
+        model_repository(bed, NAMESPACE, MODEL_REPO)
+        bed.apply(llmservice(NAME, NAMESPACE, min_replicas=1, max_replicas=args.max_replicas,
                              scale_down=args.scale_down_window))
         pod = poll("the first pod Ready", lambda: first_pod(bed, NAMESPACE, NAME), 180)
         triton = TritonServer(MODEL_REPO, {MODEL: 1}).start()

@@ -33,6 +33,7 @@ from llmserve.operator.rollout import parse_stamp
 from llmserve.testbed.cluster import TestBed
 from llmserve.testbed.prometheus import Prometheus
 from llmserve.testbed.rollout import MODEL, TrackRouter, revision_of, scrape_target, stage_probe_versions
+from llmserve.testbed.storage import model_repository
 from llmserve.testbed.triton import TritonServer
 from testbed_run import run_on_testbed
 
@@ -49,7 +50,7 @@ def llmservice(namespace: str, args: argparse.Namespace, latency: str) -> dict:
     steps = [{"weight": 30, "pause": args.pause}, {"weight": 60, "pause": args.pause}]
     return {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
             "metadata": {"name": "chat", "namespace": namespace},
-            "spec": {"model": {"name": MODEL, "repository": "file:///var/lib/llmserve/model_repo", "version": 1},
+            "spec": {"model": {"name": MODEL, "repository": "pvc://models", "version": 1},
                      "replicas": 3, "runtime": {"gpus": 1, "startupTimeout": "1m"},
                      "rollout": {"steps": steps, "maxSurge": 1, "analysis": {
                          "interval": args.interval, "failureLimit": args.failure_limit, "maxErrorRate": "0.05",
@@ -60,6 +61,7 @@ def scenario(bed: TestBed, args: argparse.Namespace, repo: Path, label: str, run
     version, latency = SCENARIOS[label]
     namespace = f"bench-rollout-{label}-{run}"
     bed.kubectl("create", "namespace", namespace, check=False)
+    model_repository(bed, namespace, repo)
     bed.apply(llmservice(namespace, args, latency))
     bed.kubectl("wait", "--for=condition=Ready", "llms/chat", "-n", namespace, "--timeout=180s", timeout=200)
     spec = json.loads(bed.kubectl("get", "llms", "chat", "-n", namespace, "-o", "json").stdout)["spec"]

@@ -69,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
     from llmserve.testbed.cluster import TestBed, TestBedError
     from llmserve.testbed.paths import cache_root
+    from llmserve.testbed.storage import MODEL_CLAIM, model_repository
 
     started = time.monotonic()
     work = cache_root() / "quickstart"
@@ -95,8 +96,10 @@ def _run(args: argparse.Namespace) -> int:
 
         model, version, digest, repo = publish_model(args.model, work / "model_repo")
 
-        step(f"applying LLMService {args.service} (model {model} v{version})")
-        bed.apply(llmservice(args.service, model, version, digest, repo))
+        step(f"making {repo} the model repository claim {MODEL_CLAIM} (a PersistentVolume and a claim, bound)")
+        repository = model_repository(bed, "default", repo)
+        step(f"applying LLMService {args.service} (model {model} v{version} from {repository})")
+        bed.apply(llmservice(args.service, model, version, digest, repository))
         wait = bed.kubectl("wait", "--for=condition=Ready", f"llms/{args.service}", "--timeout=300s",
                            check=False, timeout=320)
         if wait.returncode != 0:
@@ -106,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         print(bed.kubectl("get", "llms", args.service, "-o", "wide").stdout, file=sys.stderr)
 
         deployment = served_deployment(bed, args.service)
-        answer = run_data_plane_and_ask(deployment, repo, args, stack, work)
+        answer = run_data_plane_and_ask(deployment, bed, args, stack, work)
         print(answer)
         step(f"done in {time.monotonic() - started:.0f}s")
         if not args.down:
@@ -144,12 +147,12 @@ def publish_model(choice: str, repo: Path) -> tuple[str, int, str, Path]:
     return result.model, result.version, result.manifest_sha256, repo
 
 
-def llmservice(name: str, model: str, version: int, digest: str, repo: Path) -> dict:
+def llmservice(name: str, model: str, version: int, digest: str, repository: str) -> dict:
     return {
         "apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {
-            "model": {"name": model, "repository": f"file://{repo}", "version": version, "sha256": digest},
+            "model": {"name": model, "repository": repository, "version": version, "sha256": digest},
             "replicas": 1,
             "runtime": {"gpus": 1},
         },
@@ -180,10 +183,11 @@ def local_command(container: dict, mounts: dict[str, Path]) -> list[str]:
     return [sys.executable, "-m", "llmserve", *argv[1:]] if argv[0] == "llmserve" else argv
 
 
-def run_data_plane_and_ask(deployment: dict, repo: Path, args, stack: ExitStack, work: Path) -> str:
+def run_data_plane_and_ask(deployment: dict, bed, args, stack: ExitStack, work: Path) -> str:
     from openai import OpenAI
 
     from llmserve.predictors.local import LocalPredictor
+    from llmserve.testbed.storage import claim_directory
     from llmserve.testbed.triton import TritonServer
 
     pod = deployment["spec"]["template"]["spec"]
@@ -195,8 +199,10 @@ def run_data_plane_and_ask(deployment: dict, repo: Path, args, stack: ExitStack,
         for container in pod.get("initContainers", []) + pod["containers"]:
             for mount in container.get("volumeMounts", []):
                 if mount["name"] == volume["name"]:
-                    host = volume.get("hostPath", {}).get("path")
-                    mounts[mount["mountPath"]] = Path(host) if host else scratch / volume["name"]
+                    # What the kubelet would mount: the claim's volume, or a fresh emptyDir.
+                    claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+                    mounts[mount["mountPath"]] = (claim_directory(bed, deployment["metadata"]["namespace"], claim)
+                                                  if claim else scratch / volume["name"])
     for path in mounts.values():
         path.mkdir(parents=True, exist_ok=True)
 

@@ -40,6 +40,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--prometheus-url", default=os.environ.get("LLMSERVE_PROMETHEUS_URL", ""),
                      help="Prometheus that scrapes the Triton pods, for KEDA autoscaling triggers and "
                           "canary analysis ($LLMSERVE_PROMETHEUS_URL)")
+    run.add_argument("--prometheus-allowed-url", action="append", default=[], dest="prometheus_allowed",
+                     metavar="ORIGIN", help="another Prometheus spec.rollout.analysis.prometheus.url may name: "
+                                            "scheme://host:port, or scheme://host for any port (repeatable; chart "
+                                            "value prometheus.allowedUrls). No other URL is ever queried.")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.set_defaults(func=_run)
 
@@ -67,6 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         kubeconfig=args.kubeconfig, leader_election=args.leader_election, lease_namespace=args.lease_namespace,
         lease_name=args.lease_name, lease_duration=args.lease_duration, health_address=args.health_address,
         health_port=args.health_port, identity=args.identity, prometheus_url=args.prometheus_url,
+        prometheus_allowed=tuple(args.prometheus_allowed),
     )
     try:
         return asyncio.run(run(opts))

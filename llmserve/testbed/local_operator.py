@@ -26,6 +26,10 @@ from .procs import LocalProcess, free_ports, tail
 CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "llmserve"
 RELEASE = "llmserve"
 SYSTEM_NAMESPACE = "llmserve-system"
+# The test bed's Prometheus servers run on this machine's loopback, each on a free port: the one
+# origin (any port) LLMServices may name in spec.rollout.analysis.prometheus.url here (chart value
+# prometheus.allowedUrls, operator flag --prometheus-allowed-url).
+TESTBED_PROMETHEUS = "http://127.0.0.1"
 
 
 class Cluster(Protocol):
@@ -45,11 +49,14 @@ class OperatorError(RuntimeError):
 def install_chart(cluster: Cluster, namespace: str = SYSTEM_NAMESPACE, release: str = RELEASE,
                   values: dict | None = None) -> None:
     """`helm upgrade --install` the chart from this checkout. The operator Deployment is scaled
-    to 0 by default: on the test bed its pod would be simulated, the local process does the work."""
+    to 0 by default: on the test bed its pod would be simulated, the local process does the work.
+    LLMServices may name the test bed's Prometheus servers (on loopback) for their analysis."""
     if not (CHART_DIR / "Chart.yaml").exists():
         raise OperatorError(f"the chart is not at {CHART_DIR}: run from a checkout of the repository")
+    values = {"replicaCount": 0, **(values or {})}
+    values["prometheus"] = {"allowedUrls": [TESTBED_PROMETHEUS], **values.get("prometheus", {})}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
-        yaml.safe_dump({"replicaCount": 0, **(values or {})}, file)
+        yaml.safe_dump(values, file)
         file.flush()
         cluster.helm("upgrade", "--install", release, str(CHART_DIR), "--namespace", namespace,
                      "--create-namespace", "--values", file.name)
@@ -88,7 +95,7 @@ class LocalOperator:
         argv = [sys.executable, "-m", "llmserve", "operator", "run", f"--kubeconfig={kubeconfig}",
                 f"--identity={identity}", f"--lease-namespace={lease_namespace}", f"--lease-name={lease_name}",
                 f"--lease-duration={lease_duration}", "--health-address=127.0.0.1",
-                f"--health-port={self.port}", *extra_args]
+                f"--health-port={self.port}", f"--prometheus-allowed-url={TESTBED_PROMETHEUS}", *extra_args]
         self._process = LocalProcess(argv, log_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     @property

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
@@ -21,6 +20,7 @@ from ..operator.spec import LABEL_SERVICE, LABEL_TRACK
 from .cluster import TestBed
 from .metrics_adapter import NAMESPACE as ADAPTER_NAMESPACE
 from .prometheus import metric_labels
+from .storage import MODEL_CLAIM
 from .toolchain import KUBERNETES_VERSION
 
 MODEL = "fixed_latency"  # tests/data/model_repo/fixed_latency: constant service time per request
@@ -44,17 +44,17 @@ def chart_adapter_config(bed: TestBed) -> str:
     return stored["data"]["config.yaml"]
 
 
-def llmservice(name: str, namespace: str, model_repo: Path, *, min_replicas: int, max_replicas: int,
+def llmservice(name: str, namespace: str, *, min_replicas: int, max_replicas: int,
                target: str = "1", scale_up: str = "0s", scale_down: str = "5m", gpus: int = 1,
-               node_selector: dict | None = None) -> dict:
-    """An autoscaled LLMService serving the test model (its pods are simulated; the repository
-    path only has to be valid)."""
+               node_selector: dict | None = None, repository: str = f"pvc://{MODEL_CLAIM}") -> dict:
+    """An autoscaled LLMService serving the test model from the namespace's model repository
+    claim (llmserve.testbed.storage; the pods are simulated, so nothing reads it)."""
     runtime = {"gpus": gpus, **({"nodeSelector": node_selector} if node_selector else {})}
     return {
         "apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
-            "model": {"name": MODEL, "repository": f"file://{model_repo}", "version": 1},
+            "model": {"name": MODEL, "repository": repository, "version": 1},
             "runtime": runtime,
             "autoscaling": {"minReplicas": min_replicas, "maxReplicas": max_replicas, "target": target,
                             "scaleUp": {"stabilizationWindow": scale_up},

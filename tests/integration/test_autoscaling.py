@@ -47,7 +47,7 @@ def metrics_path(testbed, namespace, name, model_repo, triton_server, prometheus
 def test_load_on_triton_scales_the_llmservice_up_and_back_down(
         testbed, operator, namespace, sample_model_repo, triton_server, prometheus, metrics_adapter):
     name = "chat"
-    testbed.apply(llmservice(name, namespace, sample_model_repo, min_replicas=1, max_replicas=3,
+    testbed.apply(llmservice(name, namespace, min_replicas=1, max_replicas=3,
                              scale_down="10s"))
     hpa = poll("the operator to create the HPA", lambda: snapshot(testbed, namespace, name).hpa, 60)
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
@@ -104,7 +104,7 @@ def test_replicas_without_a_gpu_show_in_status(testbed, operator, namespace):
     replicas than the GPUs left; the service keeps serving and says why the rest do not run."""
     [node] = testbed.add_nodes(1, gpus=2, prefix=f"{namespace}-gpu")
     try:
-        testbed.apply(llmservice("big", namespace, "/models", min_replicas=1, max_replicas=4,
+        testbed.apply(llmservice("big", namespace, min_replicas=1, max_replicas=4,
                                  node_selector={"kubernetes.io/hostname": node}))
         poll("one replica Ready", lambda: snapshot(testbed, namespace, "big").ready_pods == 1, 120)
         testbed.kubectl("scale", "llms/big", "-n", namespace, "--replicas=4")
@@ -128,7 +128,7 @@ def test_replicas_without_a_gpu_show_in_status(testbed, operator, namespace):
 
 
 def test_scale_to_zero_without_the_feature_gate_and_removing_autoscaling(testbed, operator, namespace):
-    testbed.apply(llmservice("idle", namespace, "/models", min_replicas=0, max_replicas=2))
+    testbed.apply(llmservice("idle", namespace, min_replicas=0, max_replicas=2))
 
     def rejected():
         status = snapshot(testbed, namespace, "idle").llmservice.get("status") or {}
@@ -150,7 +150,7 @@ def test_scale_to_zero_without_the_feature_gate_and_removing_autoscaling(testbed
 
 def test_keda_without_a_prometheus_address_is_reported(testbed, operator, namespace):
     """The session's operator runs without --prometheus-url: a KEDA trigger cannot be built."""
-    manifest = llmservice("kedaless", namespace, "/models", min_replicas=1, max_replicas=2)
+    manifest = llmservice("kedaless", namespace, min_replicas=1, max_replicas=2)
     manifest["spec"]["autoscaling"]["engine"] = "keda"
     testbed.apply(manifest)
 
@@ -172,7 +172,7 @@ def test_the_autoscaler_and_a_canary_do_not_fight(
     splits them by the step weight: at 4 replicas and 50 %, 2 stable + 2 canary; when the load
     goes, both tracks shrink with the total. Never more than maxReplicas + maxSurge pods."""
     name, max_replicas, max_surge = "duo", 4, 1
-    manifest = llmservice(name, namespace, sample_model_repo, min_replicas=1, max_replicas=max_replicas,
+    manifest = llmservice(name, namespace, min_replicas=1, max_replicas=max_replicas,
                           scale_down="10s")
     manifest["spec"]["rollout"] = {"steps": [{"weight": 50, "pause": "1h"}], "maxSurge": max_surge}
     testbed.apply(manifest)

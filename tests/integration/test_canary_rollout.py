@@ -18,7 +18,7 @@ from llmserve.testbed.rollout import MODEL, TrackRouter, revision_of
 pytestmark = pytest.mark.cluster
 
 INTERVAL, FAILURE_LIMIT = "4s", 2
-REPOSITORY = "file:///var/lib/llmserve/model_repo"  # the pods are simulated: only the path's form matters
+REPOSITORY = "pvc://models"  # the namespace fixture's claim (the pods are simulated: nothing reads it)
 
 
 def manifest(name, namespace, replicas, rollout, runtime=None):

@@ -2,6 +2,7 @@
 GPU nodes; the chart installed with helm; the operator a local process holding only the chart's
 ServiceAccount permissions."""
 
+import asyncio
 import copy
 import json
 from pathlib import Path
@@ -10,6 +11,9 @@ import pytest
 import yaml
 
 from fixtures.operator import get_json, wait_for
+from llmserve.operator import apply as applier
+from llmserve.operator.kube import ApiError, KubeClient, load_config, now_rfc3339, object_path
+from llmserve.operator.reconcile import Recorder, _write_status
 from llmserve.operator.rollout import revision_name, serving_spec
 
 pytestmark = pytest.mark.cluster
@@ -21,8 +25,7 @@ CHILD_KINDS = "deployments,services,poddisruptionbudgets"
 def llmservice(name, namespace, version=1, replicas=1, gpus=1, **spec):
     return {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
             "metadata": {"name": name, "namespace": namespace},
-            "spec": {"model": {"name": "tiny-gpt", "repository": "file:///var/lib/llmserve/model_repo",
-                               "version": version},
+            "spec": {"model": {"name": "tiny-gpt", "repository": "pvc://models", "version": version},
                      "replicas": replicas, "runtime": {"gpus": gpus, "startupTimeout": "2m"}, **spec}}
 
 
@@ -98,6 +101,9 @@ def test_scale_subresource_drives_the_deployment(testbed, operator, namespace):
                                        "/llmservices/scaled/scale").stdout)
     assert scale["status"]["replicas"] == 3
     assert scale["status"]["selector"] == "llmserve.io/service=scaled,app.kubernetes.io/managed-by=llmserve"
+    # Scaling a Ready service keeps it Ready: no NotReady/Ready pair per Deployment write.
+    events = get_json(testbed, "events", "-n", namespace, "--field-selector", "involvedObject.name=scaled")["items"]
+    assert "NotReady" not in {e["reason"] for e in events}
 
 
 def test_unplaceable_spec_reports_why_then_recovers(testbed, operator, namespace):
@@ -264,6 +270,86 @@ def test_only_one_replica_acts_and_a_standby_takes_over(testbed, operator, names
     assert lease["spec"]["holderIdentity"] == "standby"
 
 
+def test_a_leader_whose_lease_is_taken_stops_at_once_and_exits(testbed, operator, namespace):
+    """Another holder in the lease: the old leader writes nothing more and exits non-zero (the
+    kubelet restarts it as a standby), instead of acting beside the new one until its own view of
+    the lease expires."""
+    leader = operator.process
+    testbed.kubectl("patch", "lease", "llmserve", "-n", "llmserve-system", "--type=merge", "-p", json.dumps(
+        {"spec": {"holderIdentity": "thief", "leaseDurationSeconds": 3600, "renewTime": now_rfc3339(micro=True)}}))
+    wait_for(lambda: leader.returncode() is not None, "the old leader to exit", timeout=30)
+    assert leader.returncode() == 1
+    assert "taken over by thief" in leader.log()
+
+    testbed.kubectl("delete", "lease", "llmserve", "-n", "llmserve-system")  # the thief never ran
+    operator.start()
+    testbed.apply(llmservice("after-theft", namespace))
+    wait_ready(testbed, namespace, "after-theft")
+
+
+def test_a_status_computed_from_an_older_version_is_refused(testbed, operator, namespace):
+    """Status writes are conditional on the resourceVersion they were computed from: a status
+    computed from an object older than the stored one (a lagging watch) never overwrites it."""
+    testbed.apply(llmservice("stale", namespace))
+    before = wait_ready(testbed, namespace, "stale")
+    testbed.kubectl("annotate", "llms/stale", "-n", namespace, "example.com/touched=1")  # a newer version
+    stale_status = {**copy.deepcopy(before["status"]), "endpoint": "http://stale.invalid:1"}
+
+    async def write():
+        async with KubeClient(load_config(str(testbed.kubeconfig))) as client:
+            await _write_status(client, Recorder(client), before, stale_status)
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(write())
+    assert refused.value.status == 409
+    assert get_json(testbed, "llms", "stale", "-n", namespace)["status"]["endpoint"] != "http://stale.invalid:1"
+
+
+def test_list_items_no_longer_rendered_are_removed_and_only_real_deletions_count(testbed, namespace):
+    """A child created by POST (no GET first) and later applied without one of its volumes loses
+    that volume: the apply adopts the fields the POST created, so server-side apply removes what
+    we stop rendering. Deleting an object that is already gone reports False (no Deleted Event)."""
+    owner = json.loads(testbed.kubectl("create", "configmap", "owner", "-n", namespace, "-o", "json").stdout)
+    uid = owner["metadata"]["uid"]
+
+    def deployment_with(*volumes):
+        labels = {"app": "drift"}
+        return {"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "drift", "namespace": namespace, "labels": labels,
+                             "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
+                                                  "uid": uid, "controller": True}]},
+                "spec": {"replicas": 0, "selector": {"matchLabels": labels}, "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "c", "image": "example.com/c:1"}],
+                             "volumes": [{"name": v, "emptyDir": {}} for v in volumes]}}}}
+
+    async def scenario():
+        async with KubeClient(load_config(str(testbed.kubeconfig))) as client:
+            created = await applier.ensure(client, deployment_with("a", "b"), None, uid)
+            seen = await client.get(object_path(created.obj))
+            updated = await applier.ensure(client, deployment_with("a"), seen, uid)
+            again = await applier.ensure(client, deployment_with("a"), await client.get(object_path(seen)), uid)
+            return created, updated, again, await client.delete(again.obj), await client.delete(again.obj)
+
+    created, updated, again, deleted, deleted_twice = asyncio.run(scenario())
+    assert created.action == applier.CREATED
+    assert updated.action == applier.UPDATED and updated.changed == ["spec.template.spec.volumes[b]"]
+    assert [v["name"] for v in updated.obj["spec"]["template"]["spec"]["volumes"]] == ["a"]
+    assert again.action == applier.UNCHANGED
+    assert (deleted, deleted_twice) == (True, False)
+
+
+def test_crd_defaults_do_not_change_the_revision(testbed, llmserve_chart):
+    """The API server adds the CRD's defaults to what it stores: the revision (hence the Deployment
+    and every GPU pod) must be the same with or without them spelled out (rollout.SERVING_DEFAULTS)."""
+    manifest = llmservice("defaulted", "default")
+    manifest["spec"]["runtime"] = {}
+    stored = json.loads(testbed.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-",
+                                        input=yaml.safe_dump(manifest)).stdout)
+    assert stored["spec"]["runtime"], "the CRD defaults nothing in spec.runtime any more: drop this test"
+    assert revision_name(serving_spec(stored["spec"])) == revision_name(serving_spec(manifest["spec"]))
+
+
 @pytest.mark.parametrize("verb,resource,allowed", [
     ("watch", "llmservices.llmserve.io", True),
     ("patch", "llmservices.llmserve.io/status", True),
@@ -310,14 +396,14 @@ INVALID = [
     ("repository-s3", ("spec", "model", "repository"), "s3://bucket/repo",
      ["spec.model.repository", "s3:// is not supported yet"]),
     ("repository-http", ("spec", "model", "repository"), "http://example.com/repo",
-     ["spec.model.repository", "must be pvc://<claim>/<path> or file:///<absolute path>"]),
+     ["spec.model.repository", "must be pvc://<claim>/<path>"]),
     ("model-name-missing", ("spec", "model", "name"), DELETE, ["spec.model.name", "Required value"]),
     ("replicas-negative", ("spec", "replicas"), -1, ["spec.replicas", "greater than or equal to 0"]),
     ("gpus-negative", ("spec", "runtime", "gpus"), -1, ["spec.runtime.gpus", "greater than or equal to 0"]),
     ("gpu-in-resources", ("spec", "runtime", "resources"), {"limits": {"nvidia.com/gpu": 1}},
      ["spec.runtime.resources", "set GPUs with spec.runtime.gpus"]),
     ("resource-not-quantity", ("spec", "runtime", "resources"), {"requests": {"cpu": "lots"}},
-     ["spec.runtime.resources.requests.cpu", "should match"]),
+     ["spec.runtime.resources.requests.cpu", "non-negative quantity"]),
     ("startup-timeout-too-long", ("spec", "runtime", "startupTimeout"), "48h",
      ["spec.runtime.startupTimeout", "between 10s and 6h"]),
     ("startup-timeout-not-duration", ("spec", "runtime", "startupTimeout"), "ten minutes",
@@ -342,7 +428,7 @@ INVALID = [
     ("interval-too-short", ("spec", "rollout"), {"analysis": {"interval": "1s"}},
      ["spec.rollout.analysis.interval", "between 2s and 1h"]),
     ("prometheus-not-url", ("spec", "rollout"), {"analysis": {"prometheus": {"url": "prometheus:9090"}}},
-     ["spec.rollout.analysis.prometheus.url", "should match"]),
+     ["spec.rollout.analysis.prometheus.url", "the operator fetches no other URL"]),
     ("unknown-field", ("spec", "modle"), {"name": "typo"}, ['unknown field "spec.modle"']),
     ("name-not-dns-label", ("metadata", "name"), "chat.bot", ["metadata.name must be a DNS-1035 label"]),
 ]
