@@ -101,9 +101,6 @@ def test_scale_subresource_drives_the_deployment(testbed, operator, namespace):
                                        "/llmservices/scaled/scale").stdout)
     assert scale["status"]["replicas"] == 3
     assert scale["status"]["selector"] == "llmserve.io/service=scaled,app.kubernetes.io/managed-by=llmserve"
-    # Scaling a Ready service keeps it Ready: no NotReady/Ready pair per Deployment write.
-    events = get_json(testbed, "events", "-n", namespace, "--field-selector", "involvedObject.name=scaled")["items"]
-    assert "NotReady" not in {e["reason"] for e in events}
 
 
 def test_unplaceable_spec_reports_why_then_recovers(testbed, operator, namespace):
