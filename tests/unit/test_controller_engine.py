@@ -40,6 +40,18 @@ def make_engine(monkeypatch, behaviour, **kwargs):
     return eng, runs, state
 
 
+def runs_of(monkeypatch, behaviour, ticks=50):
+    """Poke one service once and let the engine run it (and whatever it schedules) for `ticks`."""
+    async def scenario():
+        eng, runs, _ = make_engine(monkeypatch, behaviour)
+        eng.poke(("ns", "a"))
+        for _ in range(ticks):
+            await asyncio.sleep(0.01)
+        return runs
+
+    return asyncio.run(scenario())
+
+
 async def settle(eng, rounds=50):
     for _ in range(rounds):
         await asyncio.sleep(0.01)
@@ -103,14 +115,7 @@ def test_a_refused_write_is_retried_not_parked(monkeypatch):
     async def refused(n):
         return Result(failed=n < 3)
 
-    async def scenario():
-        eng, runs, _ = make_engine(monkeypatch, refused)
-        eng.poke(("ns", "a"))
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-        return runs
-
-    assert len(asyncio.run(scenario())) == 3  # two refused runs retried, then success and no more runs
+    assert len(runs_of(monkeypatch, refused, ticks=100)) == 3  # two refused runs retried, then no more
 
 
 def test_backoff_grows_honours_retry_after_and_jitters():
@@ -132,14 +137,7 @@ def test_requeue_wakes_the_service_again(monkeypatch):
     async def again(n):
         return Result(requeue_after=0.0 if n < 3 else None)
 
-    async def scenario():
-        eng, runs, _ = make_engine(monkeypatch, again)
-        eng.poke(("ns", "a"))
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-        return runs
-
-    assert len(asyncio.run(scenario())) == 3
+    assert len(runs_of(monkeypatch, again)) == 3
 
 
 def test_concurrent_runs_are_bounded(monkeypatch):
