@@ -105,8 +105,10 @@ async def _adopt_created_fields(client: KubeClient, observed: dict) -> dict:
              {"op": "replace", "path": "/metadata/managedFields",
               "value": [e for e in entries if e not in ours] + [apply_entry]}]
     try:
-        return await client.request("PATCH", object_path(current), body=patch,
-                                     content_type="application/json-patch+json")
+        adopted = await client.request("PATCH", object_path(current), body=patch,
+                                       content_type="application/json-patch+json")
+        client.recent.remember(observed, adopted)  # the index may still show the version before this
+        return adopted
     except ApiError as exc:  # the resourceVersion test failed: someone wrote it meanwhile, run again
         if exc.status == 422:
             raise ApiError(409, "Conflict", exc.message, "PATCH", object_path(current)) from exc
