@@ -64,11 +64,12 @@ def _kept_managed_fields(entries: list[dict]) -> list[dict]:
     return kept
 
 
-def stored(body: kopf.Body) -> dict:
-    """What the indexes keep of an object: all but our own and status managedFields and bulky
-    annotations (half the memory of a fleet's worth of objects)."""
+def stored(body: kopf.Body, drift: bool = True) -> dict:
+    """What the indexes keep of an object: all but bulky annotations and the managedFields drift
+    detection does not need (`drift=False`: none, the object is never compared) — half the memory
+    of a fleet's worth of objects."""
     meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
-    if managed := _kept_managed_fields(body["metadata"].get("managedFields")):
+    if drift and (managed := _kept_managed_fields(body["metadata"].get("managedFields"))):
         meta["managedFields"] = managed
     if any(a in (meta.get("annotations") or {}) for a in _BULKY_ANNOTATIONS):
         meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k not in _BULKY_ANNOTATIONS}
@@ -77,7 +78,7 @@ def stored(body: kopf.Body) -> dict:
 
 @kopf.index(GROUP, VERSION, PLURAL, registry=registry)
 def llmservices(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, name): stored(body)}
+    return {(namespace, name): stored(body, drift=False)}
 
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD, registry=registry)
