@@ -3,8 +3,8 @@
 For each fleet size N it runs, each on a fresh test bed of the same shape (enough simulated GPU
 nodes, the chart installed, the model repository claim `models` in the namespace):
 
-- baseline: the children the operator renders for N LLMServices (Deployment, Services, PDB),
-  created directly by a burst of POSTs, without the operator; timed until every Deployment is
+- baseline: the children the operator decides for N LLMServices (a Deployment and two Services
+  each), created directly by a burst of POSTs, without the operator; timed until every Deployment is
   Available. This is what the API server, scheduler and controllers need anyway.
 - operator: N LLMServices created by the same burst, with the operator running locally as the
   chart's ServiceAccount; timed until every LLMService is Ready. Also:
@@ -31,10 +31,12 @@ import re
 import signal
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from llmserve.operator.kube import KubeClient, load_config
-from llmserve.operator.render import Images, desired_children
+from llmserve.operator.reconcile import Children, Observation, decide
+from llmserve.operator.render import Images
 from llmserve.operator.spec import Spec
 from llmserve.testbed.cluster import TestBed
 from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
@@ -57,10 +59,11 @@ def manifest(i: int) -> dict:
 
 
 def baseline_children(i: int) -> list[dict]:
-    """What the operator creates for LLMService i, without an owner (nothing owns them here)."""
+    """What the operator creates for LLMService i (its own decide()), without an owner."""
     obj = manifest(i)
     obj["metadata"]["uid"] = "baseline"
-    children = desired_children(Spec.from_object(obj), IMAGES)
+    decision = decide(obj, Spec.from_object(obj), Children(), Observation(datetime.now(timezone.utc)), IMAGES)
+    children = [child for wave in decision.waves for child in wave]
     for child in children:
         del child["metadata"]["ownerReferences"]
     return children

@@ -33,7 +33,7 @@ from . import apply as applier
 from . import status as st
 from .kube import ApiError, KubeClient, now_rfc3339, object_path
 from .render import Images, Tracks, desired_children
-from .spec import API_VERSION, KIND, LABEL_REVISION, Spec
+from .spec import API_VERSION, CANARY, KIND, LABEL_REVISION, Spec, track_service_name
 
 log = logging.getLogger("llmserve.operator")
 
@@ -199,7 +199,9 @@ def decide(parent: dict, spec: Spec, children: Children, seen: Observation, imag
     except ValueError as exc:
         raise StableSpecError(f"the stable revision {plan.stable.name} cannot be rendered: {exc}") from exc
     tracks = Tracks(base, plan.split.stable, spec if plan.canary else None, plan.split.canary)
-    first = desired_children(base, images, tracks)
+    existing = {(o["kind"], o["metadata"]["name"]) for o in ours}
+    first = [o for o in desired_children(base, images, tracks)
+             if _protects_something(o, spec, plan, seen.gateway, existing)]
     try:
         scaler = autoscaling.autoscaler(spec, prometheus_url)
     except autoscaling.AutoscalerUnavailable as exc:
@@ -213,6 +215,22 @@ def decide(parent: dict, spec: Spec, children: Children, seen: Observation, imag
     prune = [(o, _why_pruned(o, plan)) for o in ours
              if o["kind"] in PRUNABLE and (o["kind"], o["metadata"]["name"]) not in wanted]
     return Decision(plan, waves, prune, problems, scaler, seen.gateway)
+
+
+def _protects_something(child: dict, spec: Spec, plan: rollout.Plan, gateway: bool,
+                        existing: set[tuple[str, str]]) -> bool:
+    """Whether a child earns its API requests (a fleet creates thousands): the canary Service only
+    once a rollout or a gateway route needs it, the PodDisruptionBudget only once an eviction
+    could take the last ready pod otherwise (more than one replica). One that exists is kept and
+    kept right (they are never deleted: the garbage collector removes them with the service)."""
+    key = (child["kind"], child["metadata"]["name"])
+    if key in existing:
+        return True
+    if key == ("Service", track_service_name(spec.name, CANARY)):
+        return plan.canary is not None or gateway
+    if child["kind"] == "PodDisruptionBudget":
+        return max(spec.replicas, spec.autoscaling.max_replicas if spec.autoscaling else 0) > 1
+    return True
 
 
 def _why_pruned(obj: dict, plan: rollout.Plan) -> str:

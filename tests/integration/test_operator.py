@@ -65,8 +65,8 @@ def test_example_becomes_ready_with_labeled_owned_children(testbed, operator, na
         "Ready": "True", "Progressing": "False", "Degraded": "False"}
 
     kids = children(testbed, namespace, "tiny-gpt")
-    assert set(kids) == {("Deployment", example), ("Service", "tiny-gpt"), ("Service", "tiny-gpt-stable"),
-                         ("Service", "tiny-gpt-canary"), ("PodDisruptionBudget", "tiny-gpt")}
+    # One replica, no rollout: no PDB and no canary Service (they would protect nothing).
+    assert set(kids) == {("Deployment", example), ("Service", "tiny-gpt"), ("Service", "tiny-gpt-stable")}
     for (kind, name), kid in kids.items():
         labels = kid["metadata"]["labels"]
         assert labels["app.kubernetes.io/managed-by"] == "llmserve"
@@ -120,7 +120,7 @@ def test_unplaceable_spec_reports_why_then_recovers(testbed, operator, namespace
 
 
 def test_deleted_and_edited_children_are_repaired(testbed, operator, namespace):
-    testbed.apply(llmservice("fixme", namespace))
+    testbed.apply(llmservice("fixme", namespace, replicas=2))  # two replicas: it has a PDB
     wait_ready(testbed, namespace, "fixme")
     before = children(testbed, namespace, "fixme")
 
@@ -135,7 +135,7 @@ def test_deleted_and_edited_children_are_repaired(testbed, operator, namespace):
         dep = kids.get(("Deployment", deployment(testbed, namespace, "fixme")))
         svc = kids.get(("Service", "fixme-stable"))
         return (dep and svc and ("PodDisruptionBudget", "fixme") in kids
-                and dep["spec"]["replicas"] == 1
+                and dep["spec"]["replicas"] == 2
                 and dep["spec"]["template"]["spec"]["containers"][0]["image"].startswith("nvcr.io/")
                 and svc["metadata"]["uid"] != before["Service", "fixme-stable"]["metadata"]["uid"])
 
@@ -182,7 +182,7 @@ def test_version_change_rolls_out_a_new_deployment_and_removes_the_old_one(testb
 def test_deleting_the_llmservice_removes_its_children(testbed, operator, namespace):
     testbed.apply(llmservice("doomed", namespace))
     wait_ready(testbed, namespace, "doomed")
-    assert len(children(testbed, namespace, "doomed")) == 5
+    assert len(children(testbed, namespace, "doomed")) == 3
     testbed.kubectl("delete", "llms/doomed", "-n", namespace)
     wait_for(lambda: not children(testbed, namespace, "doomed"), "the garbage collector to remove the children")
     wait_for(lambda: not get_json(testbed, "pods", "-n", namespace, "-l", "llmserve.io/service=doomed")["items"],

@@ -35,12 +35,33 @@ def first_status(obj):
     return copy.deepcopy(plan.status)
 
 
-def test_a_new_service_applies_its_children_and_prunes_nothing():
+def applied(decision):
+    return sorted((o["kind"], o["metadata"]["name"].removeprefix("chat")) for wave in decision.waves for o in wave)
+
+
+def test_a_new_service_gets_only_children_that_protect_something():
+    """One replica and no rollout: no PDB (an eviction may take the only pod anyway) and no canary
+    Service (it would select the stable pods, like `-stable`). Fewer requests per new service."""
     obj = parent()
-    decision = decide(obj, Spec.from_object(obj), Children(), Observation(NOW), IMAGES)
-    kinds = sorted(o["kind"] for wave in decision.waves for o in wave)
-    assert kinds == ["Deployment", "PodDisruptionBudget", "Service", "Service", "Service"]
+    spec = Spec.from_object(obj)
+    decision = decide(obj, spec, Children(), Observation(NOW), IMAGES)
+    assert applied(decision) == [("Deployment", f"-{spec.revision}"), ("Service", ""), ("Service", "-stable")]
     assert decision.prune == [] and decision.problems == []
+
+
+def test_the_pdb_with_replicas_and_the_canary_service_with_a_rollout_or_once_they_exist():
+    obj = parent(replicas=2)
+    assert ("PodDisruptionBudget", "") in applied(decide(obj, Spec.from_object(obj), Children(), Observation(NOW),
+                                                         IMAGES))
+    rolling = parent(version=2)
+    rolling["status"] = first_status(parent(version=1))
+    assert ("Service", "-canary") in applied(decide(rolling, Spec.from_object(rolling), Children(), Observation(NOW),
+                                                    IMAGES))
+    kept = parent()
+    children = Children(services=[owned("Service", "chat-canary")], disruption_budgets=[owned("PodDisruptionBudget",
+                                                                                              "chat")])
+    assert {("Service", "-canary"), ("PodDisruptionBudget", "")} <= set(
+        applied(decide(kept, Spec.from_object(kept), children, Observation(NOW), IMAGES)))
 
 
 def test_one_prune_path_for_every_kind_the_service_stops_needing():
