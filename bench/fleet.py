@@ -193,7 +193,8 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
             "ratio_to_baseline": round(all_ready / baseline, 2),
             "api_requests_per_llmservice": round(converged["llmserve_operator_reconcile_requests_total"] / n, 2),
             "reconciles": int(reconciles),
-            "api_requests_per_reconcile": round(converged["llmserve_operator_reconcile_requests_total"] / reconciles, 2),
+            "api_requests_per_reconcile": round(
+                converged["llmserve_operator_reconcile_requests_total"] / reconciles, 2),
             "max_api_requests_in_one_reconcile": int(converged["llmserve_operator_reconcile_requests_max"]),
             "writes_per_llmservice_to_converge": round(converged["llmserve_operator_reconcile_writes_total"] / n, 2),
             "steady_seconds": steady_seconds,

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .kube import ApiError, KubeClient, NotLeading
 from .reconcile import Children, GatewayDiscovery, Recorder, Result, reconcile
@@ -164,7 +164,12 @@ class Engine:
         live: set[str] = set()
         for name, (api_version, kind, params) in kinds.items():
             for namespace in self.namespaces or (None,):
-                live |= await self.client.list_uids(api_version, kind, params, namespace=namespace)
+                try:
+                    live |= await self.client.list_uids(api_version, kind, params, namespace=namespace)
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                    # A kind whose CRD is not installed (LeaderWorkerSet): its index is empty.
         gone, keys = set(), set()
         for name, entries in before.items():
             for uid, key in entries.items():
