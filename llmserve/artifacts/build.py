@@ -71,6 +71,7 @@ class BuildRequest:
     thresholds: gates.Thresholds = field(default_factory=gates.Thresholds)
     eval_texts: list[str] | None = None
     max_length: int | None = None  # embedding truncation; default from the source model
+    engine: str = "onnxruntime"  # or "vllm": Hugging Face files served by vLLM (vllm_build.py)
 
 
 @dataclass
@@ -449,6 +450,10 @@ def _write_runtime_files(staged: Path, tokenizer, meta: dict) -> None:
 
 
 def build(req: BuildRequest) -> BuildResult:
+    if req.engine == "vllm":
+        from .vllm_build import build_vllm
+
+        return build_vllm(req)
     if req.variant not in VARIANTS:
         raise BuildError(f"unknown variant {req.variant!r} (choose from {', '.join(VARIANTS)})")
     source = req.source.resolve()

@@ -22,13 +22,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Export a Hugging Face model directory (encoder or causal LM) to ONNX, optimize "
                     "it with ONNX Runtime, make the fp32/fp16/int8 variant, check it against the "
                     "fp32 PyTorch model, and publish it as the next immutable version "
-                    "REPO/MODEL/N/. Nothing is published when the accuracy gate fails.")
+                    "REPO/MODEL/N/. With --engine vllm: save the causal LM as Hugging Face files "
+                    "(safetensors, tokenizer, chat template) with engine.json and model_repo/vllm's "
+                    "model.py, gated by running vLLM itself against PyTorch. Nothing is published when "
+                    "the accuracy gate fails.")
     build.add_argument("source", type=Path, help="Hugging Face model directory (save_pretrained)")
     build.add_argument("--repo", type=Path, required=True, help="Triton model repository")
     build.add_argument("--model", help="model name in the repository (default: source dir name)")
     build.add_argument("--kind", choices=("auto", "embedding", "generate"), default="auto",
                        help="auto: causal LMs -> generate, other encoders -> embedding")
-    build.add_argument("--variant", choices=("fp32", "fp16", "int8"), default="fp32")
+    build.add_argument("--engine", choices=("onnxruntime", "vllm"), default="onnxruntime",
+                       help="onnxruntime: ONNX artifact for model_repo/generate|embedding; vllm: Hugging "
+                            "Face files for model_repo/vllm (causal LMs), gated through vLLM itself")
+    build.add_argument("--variant", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                       help="weights: fp32/fp16/int8 for onnxruntime, fp32/bf16/fp16 for vllm")
     build.add_argument("--version", type=_positive, help="version number (default: next)")
     build.add_argument("--max-batch-size", type=_positive, default=32)
     build.add_argument("--instances", type=_positive, default=1, help="model instances (CPU)")
@@ -123,7 +130,7 @@ def _build(args: argparse.Namespace) -> int:
         thresholds=Thresholds(min_mean_cosine=args.min_cosine,
                               min_next_token_agreement=args.min_agreement,
                               min_greedy_agreement=args.min_greedy),
-        eval_texts=texts, max_length=args.max_length,
+        eval_texts=texts, max_length=args.max_length, engine=args.engine,
     )
     try:
         result = build(request)

