@@ -34,9 +34,14 @@ revision (PromQL `or`), to Triton's own statistics:
   interval: again the safe side. The summary observes successful requests only.
 
 Verdicts (Argo Rollouts and Flagger count "no data" as success in some setups; we never do):
-- Inconclusive: Prometheus unreachable or failing, or the canary served fewer than `minRequests`
-  requests in the window, or a latency threshold is set but no latency was exported. It never
-  advances a step and never counts as a failure.
+- Inconclusive: Prometheus unreachable or failing, or a canary pod's request counters hold fewer
+  than two samples in the window, or the canary served fewer than `minRequests` requests in the
+  window, or a latency threshold is set but no latency was exported. It never advances a step and
+  never counts as a failure.
+  Why the samples: `increase()` needs two samples of a series in the window and silently drops a
+  series with one (a pod scraped once since it started, or an interval shorter than two scrape
+  intervals). The sum over the revision's pods would then judge the canary on the other pods
+  alone, or find no series and call it "no requests"; counting samples per pod says which.
 - Fail: error rate or p99 above its threshold; `fatal` when every request failed (the rollout
   aborts at once instead of waiting for `failureLimit` failed checks).
 - Pass: otherwise.
@@ -63,6 +68,7 @@ MODEL_LABEL = "model"  # Triton's own label: the model name
 DEFAULT_INTERVAL = "1m"
 DEFAULT_FAILURE_LIMIT = 2
 DEFAULT_MIN_REQUESTS = 10
+MIN_SAMPLES = 2  # increase() and rate() need two samples of each series in the window
 
 
 @dataclass(frozen=True)
@@ -98,18 +104,23 @@ class Criteria:
 @dataclass(frozen=True)
 class Measurement:
     """One revision's numbers over the window. `p99_ms` / `p99_ttft_ms` are None when no latency
-    (time to first token) was exported."""
+    (time to first token) was exported. `samples` is the fewest samples any of the revision's
+    pods has of its request counters in the window: below MIN_SAMPLES the counts miss that pod."""
 
     requests: float
     failures: float
     p99_ms: float | None = None
     p99_ttft_ms: float | None = None
+    samples: int = MIN_SAMPLES
 
     @property
     def error_rate(self) -> float | None:
         return self.failures / self.requests if self.requests > 0 else None
 
     def describe(self) -> str:
+        if self.samples < MIN_SAMPLES:
+            return (f"too few samples (a pod's request counters scraped {self.samples} time(s) in the window, "
+                    f"a rate needs {MIN_SAMPLES})")
         parts = [f"{self.requests:.0f} requests"]
         if self.error_rate is not None:
             parts.append(f"error rate {self.error_rate:.2%}")
@@ -171,15 +182,21 @@ def queries(namespace: str, service: str, model: str, revisions: list[str], wind
         "p99_us": (f"{p99_us('vllm:e2e_request_latency_seconds')} or max by ({REVISION_LABEL}) "
                    f'(max_over_time(nv_inference_request_summary_us{{{sel},quantile="0.99"}}[{w}]))'),
         "p99_ttft_us": p99_us("vllm:time_to_first_token_seconds"),
+        # The fewest samples of any pod's request counters (those the error rate is taken from).
+        "samples": (f"min by ({REVISION_LABEL}) (count_over_time(llmserve:request_failure_total{{{sel}}}[{w}])"
+                    f" or count_over_time(vllm:request_success_total{{{sel}}}[{w}]))"
+                    f" or min by ({REVISION_LABEL}) (count_over_time(nv_inference_request_failure{{{sel}}}[{w}])"
+                    f" or count_over_time(nv_inference_request_success{{{sel}}}[{w}]))"),
     }
 
 
 def measurements(results: dict[str, dict[str, float]], revisions: list[str]) -> dict[str, Measurement]:
     """Per-revision measurements from query results (`{query key: {revision: value}}`).
 
-    A revision absent from both request counters has no series in the window (not scraped yet,
-    or no pod): it gets no measurement. NaN (a summary with no observations in Triton's window, a
-    histogram without requests) means no latency.
+    A revision without any sample of its request counters in the window (not scraped yet, or no
+    pod) gets no measurement; one whose counters hold too few samples for `increase()` gets one
+    that says so (`samples`). NaN (a summary with no observations in Triton's window, a histogram
+    without requests) means no latency.
     """
     def ms(key: str, rev: str) -> float | None:
         value = results.get(key, {}).get(rev)
@@ -188,13 +205,15 @@ def measurements(results: dict[str, dict[str, float]], revisions: list[str]) -> 
     out = {}
     for rev in revisions:
         failures, successes = results["failures"].get(rev), results["successes"].get(rev)
-        if failures is None and successes is None:
+        samples = results.get("samples", {}).get(rev)
+        if failures is None and successes is None and samples is None:
             continue
         out[rev] = Measurement(
             requests=(failures or 0.0) + (successes or 0.0),
             failures=failures or 0.0,
             p99_ms=ms("p99_us", rev),
             p99_ttft_ms=ms("p99_ttft_us", rev),
+            samples=int(samples or 0),
         )
     return out
 
@@ -203,6 +222,10 @@ def judge(criteria: Criteria, canary: Measurement | None, stable: Measurement | 
     """The verdict of one check from the measurements (pure)."""
     context = f"stable: {stable.describe()}" if stable else "stable: no data"
     span = _window(window)
+    if canary is not None and canary.samples < MIN_SAMPLES:
+        return Verdict(INCONCLUSIVE, f"a canary pod's request counters were scraped {canary.samples} time(s) in the "
+                       f"last {span}; a check needs {MIN_SAMPLES} samples of every pod (a pod that just started, "
+                       f"or an interval shorter than twice Prometheus' scrape interval) ({context})", canary, stable)
     if canary is None or canary.requests < criteria.min_requests:
         served = f"{canary.requests:.0f}" if canary else "no"
         return Verdict(INCONCLUSIVE, f"canary served {served} requests in the last {span}; a check needs at "

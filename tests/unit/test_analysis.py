@@ -31,12 +31,18 @@ def test_queries_select_one_service_model_and_both_revisions_by_relabeled_pod_la
                            f'(max_over_time(nv_inference_request_summary_us{{{sel},quantile="0.99"}}[30s]))')
     assert q["p99_ttft_us"] == ("1e6 * histogram_quantile(0.99, sum by (le, llmserve_io_revision) "
                                 f"(rate(vllm:time_to_first_token_seconds_bucket{{{sel}}}[30s])))")
+    # The fewest samples of any pod's request counters, from the same source as the counts.
+    assert q["samples"] == (
+        f"min by (llmserve_io_revision) (count_over_time(llmserve:request_failure_total{{{sel}}}[30s])"
+        f" or count_over_time(vllm:request_success_total{{{sel}}}[30s]))"
+        f" or min by (llmserve_io_revision) (count_over_time(nv_inference_request_failure{{{sel}}}[30s])"
+        f" or count_over_time(nv_inference_request_success{{{sel}}}[30s]))")
 
 
 def test_time_to_first_token_is_measured_and_judged():
     found = measurements({"failures": {"c": 0.0}, "successes": {"c": 40.0}, "p99_us": {"c": 900_000.0},
-                          "p99_ttft_us": {"c": 700_000.0}}, ["c"])
-    assert found["c"] == Measurement(requests=40, failures=0, p99_ms=900, p99_ttft_ms=700)
+                          "p99_ttft_us": {"c": 700_000.0}, "samples": {"c": 30.0}}, ["c"])
+    assert found["c"] == Measurement(requests=40, failures=0, p99_ms=900, p99_ttft_ms=700, samples=30)
     criteria = Criteria(interval=30, max_p99_ttft_ms=500, min_requests=10)
     verdict = judge(criteria, found["c"], STABLE, 30)
     assert verdict.result == FAIL and "p99 time to first token 700ms > 500ms" in verdict.message
@@ -49,10 +55,28 @@ def test_time_to_first_token_is_measured_and_judged():
 
 def test_measurements_read_results_per_revision():
     found = measurements({"failures": {"c": 3.0, "s": 0.0}, "successes": {"c": 97.0, "s": 50.0},
-                          "p99_us": {"c": 812_000.0, "s": math.nan}}, ["c", "s", "gone"])
-    assert found["c"] == Measurement(requests=100, failures=3, p99_ms=812)
-    assert found["s"] == Measurement(requests=50, failures=0, p99_ms=None)  # NaN: no observation in Triton's window
+                          "p99_us": {"c": 812_000.0, "s": math.nan}, "samples": {"c": 30.0, "s": 30.0, "new": 1.0}},
+                         ["c", "s", "new", "gone"])
+    assert found["c"] == Measurement(requests=100, failures=3, p99_ms=812, samples=30)
+    assert found["s"] == Measurement(requests=50, failures=0, p99_ms=None, samples=30)  # NaN: no observation
+    # Scraped once: increase() has nothing for it, but the measurement says why, not "0 requests".
+    assert found["new"] == Measurement(requests=0, failures=0, samples=1)
     assert "gone" not in found  # no series at all: not scraped, or no pod
+
+
+@pytest.mark.parametrize("canary", [
+    Measurement(requests=0, failures=0, samples=1),  # every pod of the canary scraped once
+    Measurement(requests=100, failures=0, p99_ms=40, samples=1),  # one pod scraped once: counted without it
+])
+def test_a_canary_with_too_few_samples_is_inconclusive_never_judged(canary):
+    verdict = judge(CRITERIA, canary, STABLE, 30)
+    assert verdict.result == INCONCLUSIVE and not verdict.fatal
+    assert "a canary pod's request counters were scraped 1 time(s) in the last 30s; a check needs 2" in verdict.message
+
+
+def test_a_stable_with_too_few_samples_says_so_beside_the_canary():
+    verdict = judge(CRITERIA, Measurement(100, 3, 40), Measurement(0, 0, samples=1), 30)
+    assert verdict.result == FAIL and "stable: too few samples" in verdict.message
 
 
 @pytest.mark.parametrize("canary, result, fatal, words", [
