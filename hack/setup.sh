@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test bed, the tests and the quickstart need on a fresh machine:
-# Debian's prometheus, a Python venv with llmserve and its extras, and the pinned Go-built
-# Kubernetes/etcd/KWOK/Helm binaries (cached under ~/.cache/llmserve, built once).
+# Debian's prometheus, a Python venv with llmserve and its extras, the pinned Go-built
+# Kubernetes/etcd/KWOK/Helm binaries and the engine environments (all cached under
+# ~/.cache/llmserve, built once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${LLMSERVE_VENV:-$HOME/.cache/llmserve/venv}"
@@ -23,4 +24,9 @@ fi
 echo "[setup] installing llmserve[$EXTRAS] into $VENV (first time downloads torch, ~5 GB)" >&2
 "$VENV/bin/pip" install -q --progress-bar off -e ".[$EXTRAS]"
 "$VENV/bin/llmserve" testbed build
+# The vLLM engine environment the test bed's Triton runs model_repo/vllm in (python of the venv, so
+# it matches the python-backend stub): model_repo/vllm/requirements.txt with vLLM's CPU build.
+# Skipped in seconds when current; the first time downloads torch and vLLM's dependencies (~10 GB).
+echo "[setup] vLLM engine environment (llmserve testbed engine-env vllm)" >&2
+"$VENV/bin/llmserve" testbed engine-env vllm
 echo "[setup] done: activate with  source $VENV/bin/activate" >&2
