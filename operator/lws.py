@@ -12,6 +12,8 @@ groups. Services and metrics see the leaders only: the workers have no serving o
 
 from __future__ import annotations
 
+import copy
+
 from .render import (
     MODELS_DIR, RESTRICTED_CONTAINER, Images, _metadata, _nonempty, pod_spec,
 )
@@ -29,6 +31,7 @@ EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
 # Ours: which member a pod is, for people and for selectors that want the leaders.
 LABEL_ROLE = "llmserve.io/role"
 LEADER, WORKER = "leader", "worker"
+REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 ENGINE_ARGS_FILE = "engine-args.yaml"  # written by `llmserve pull` next to config.pbtxt
 
 
@@ -67,14 +70,17 @@ def worker_container(spec: Spec, images: Images) -> dict:
 
 
 def _member_pod_spec(spec: Spec, images: Images, containers: list[dict] | None) -> dict:
-    """A group member's pod: no two members of one group on the same node (each holds a node's
-    share of the replica's GPUs), through a spread constraint keyed on the group's own label."""
+    """A group member's pod: never on the node of another member of its group (each holds one
+    node's share of the replica's GPUs; `nodes` means distinct nodes), by a required pod
+    anti-affinity whose selector the API server completes with the pod's own group label
+    (`matchLabelKeys`), added to whatever affinity the spec asks for."""
     out = pod_spec(spec, images, containers)
-    out["topologySpreadConstraints"] = [{
-        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
-        "labelSelector": {"matchLabels": {LABEL_SERVICE: spec.name, LABEL_REVISION: spec.revision}},
-        "matchLabelKeys": [LABEL_GROUP_KEY],
-    }]
+    apart = {"labelSelector": {"matchLabels": {LABEL_SERVICE: spec.name, LABEL_REVISION: spec.revision}},
+             "matchLabelKeys": [LABEL_GROUP_KEY], "topologyKey": "kubernetes.io/hostname"}
+    affinity = copy.deepcopy(spec.affinity)
+    anti = affinity.setdefault("podAntiAffinity", {})
+    anti[REQUIRED] = [*anti.get(REQUIRED, []), apart]
+    out["affinity"] = affinity
     return out
 
 

@@ -117,10 +117,10 @@ def test_leader_and_workers_come_from_the_same_revision():
         puller = member["spec"]["initContainers"][0]
         assert puller["command"] == puller_command(make(TWO_BY_FOUR))
         # Members of one group never share a node.
-        [spread] = member["spec"]["topologySpreadConstraints"]
-        assert spread["topologyKey"] == "kubernetes.io/hostname"
-        assert spread["matchLabelKeys"] == ["leaderworkerset.sigs.k8s.io/group-key"]
-        assert spread["whenUnsatisfiable"] == "DoNotSchedule"
+        [apart] = member["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert apart["topologyKey"] == "kubernetes.io/hostname"
+        assert apart["matchLabelKeys"] == ["leaderworkerset.sigs.k8s.io/group-key"]
+        assert apart["labelSelector"]["matchLabels"]["llmserve.io/revision"] == revision
     assert [c["name"] for c in leader["spec"]["containers"]] == ["tritonserver", "predictor"]
     [engine] = worker["spec"]["containers"]
     assert engine["name"] == "vllm-worker" and engine["resources"]["limits"]["nvidia.com/gpu"] == "4"
@@ -136,6 +136,16 @@ def test_the_leader_engine_is_rank_zero_of_the_group():
     for part in ('"nnodes":2', '"node_rank":0', '"master_addr":"$(LWS_LEADER_ADDRESS)"', '"tensor_parallel_size":8',
                  '"distributed_executor_backend":"mp"'):
         assert part in args
+
+
+def test_the_specs_own_affinity_is_kept_beside_the_group_anti_affinity():
+    zone = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    runtime = {**TWO_BY_FOUR, "affinity": zone}
+    affinity = the_lws(runtime)["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["affinity"]
+    assert affinity["nodeAffinity"] == zone["nodeAffinity"]
+    assert len(affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]) == 1
+    assert "podAntiAffinity" not in make(runtime).affinity  # the spec's own view is not mutated
 
 
 def test_topology_key_asks_for_exclusive_placement():

@@ -1,0 +1,116 @@
+"""The data plane of a multi-node group, for real, as local processes (docs/distributed.md).
+
+A 2-node replica (`gpus: 1, parallelism: {nodes: 2}`: tensor parallel 2 across two pods) is run
+as two processes of vLLM's CPU build over loopback, each started from what the operator renders:
+the worker with the worker container's command (`vllm serve ... --headless --node-rank
+$(LWS_WORKER_INDEX) --master-addr $(LWS_LEADER_ADDRESS) ...`, expanded the way the kubelet
+expands `$(VAR)` with the variables the LeaderWorkerSet webhook injects), the leader's engine with
+the engine arguments the puller writes into the leader's config.pbtxt (node rank 0, `mp` executor,
+the same rendezvous). Their greedy output must equal one process with tensor parallel 1.
+
+What differs from a cluster: the leader's engine runs in a plain Python process rather than inside
+Triton's python backend (the same engine arguments reach vLLM's engine either way), the model
+directory is the source checkpoint rather than a pulled copy, and the rendezvous port is a free one
+instead of the rendered 29501 (several runs share this machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmserve.operator import lws
+from llmserve.operator.parallelism import MASTER_PORT
+from llmserve.operator.render import puller_command
+from llmserve.operator.spec import Spec
+from llmserve.testbed.paths import cache_root
+from llmserve.testbed.procs import LocalProcess, free_ports, tail
+
+pytestmark = pytest.mark.slow
+
+ENGINE_ENV = cache_root() / "engine-vllm"
+GENERATE = Path(__file__).parents[2] / "llmserve" / "testbed" / "vllm_generate.py"
+PROMPTS = ["The quick brown fox", "Once upon a time", "hello world, said the"]
+MAX_TOKENS = 24
+# The engine settings both pods read (the artifact's engine.json merged with the spec's settings,
+# engine-args.yaml next to config.pbtxt); float32 so TP 2 and TP 1 sum in the same precision.
+SETTINGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 256, "max_num_seqs": 4}
+
+
+def kubelet_expand(argv: list[str], env: dict[str, str]) -> list[str]:
+    """`$(VAR)` references in a container command, replaced as the kubelet does (unknown ones stay)."""
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg) for arg in argv]
+
+
+def engine_env(cpu: str) -> dict[str, str]:
+    """One CPU per rank (vLLM's CPU build binds its OpenMP threads; by default it also reserves a
+    core for itself, which would leave a 2-core machine one), offline, UTF-8, loopback."""
+    return {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": cpu, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1",
+            "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+
+
+def generate(engine_args: dict, env: dict[str, str], log: Path, timeout: float = 600) -> list[list[int]]:
+    with open(log, "w") as out:
+        done = subprocess.run([str(ENGINE_ENV / "bin" / "python"), str(GENERATE), json.dumps(engine_args),
+                               json.dumps(PROMPTS), str(MAX_TOKENS)], stdout=out, stderr=subprocess.STDOUT,
+                              env=env, timeout=timeout)
+    text = log.read_text(errors="replace")
+    result = [line for line in text.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and result, f"generation failed ({done.returncode}):\n{tail(log, 40)}"
+    return json.loads(result[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_lm_source: Path) -> Path:
+    if not (ENGINE_ENV / "bin" / "vllm").exists():
+        pytest.fail(f"the vLLM engine environment is missing ({ENGINE_ENV}); run hack/setup.sh")
+    return tiny_lm_source
+
+
+def test_two_node_tensor_parallel_group_matches_one_process(model_dir: Path, tmp_path: Path):
+    spec = Spec.from_object({"metadata": {"name": "chat", "namespace": "ns", "uid": "u"},
+                             "spec": {"model": {"name": "tiny", "repository": "pvc://m/r", "version": 1},
+                                      "runtime": {"gpus": 1, "parallelism": {"nodes": 2}}}})
+    assert spec.parallelism.tensor == 2 and spec.parallelism.nodes == 2
+    (port,) = free_ports(1)
+    pod_env = {"LWS_LEADER_ADDRESS": "127.0.0.1", "LWS_GROUP_SIZE": "2"}
+
+    # The worker pod's container command, pointed at this machine's copy of the model.
+    copy = tmp_path / "version"
+    copy.symlink_to(model_dir)
+    (tmp_path / lws.ENGINE_ARGS_FILE).write_text(yaml.safe_dump(SETTINGS))
+    rendered = lws.worker_command(spec)
+    assert rendered[:2] == ["vllm", "serve"]
+    worker_argv = [str(ENGINE_ENV / "bin" / "vllm")] + [
+        arg.replace(f"{lws.version_dir(spec)}/{lws.ENGINE_ARGS_FILE}", str(tmp_path / lws.ENGINE_ARGS_FILE))
+           .replace(lws.version_dir(spec), str(copy)).replace(str(MASTER_PORT), str(port))
+        for arg in kubelet_expand(rendered[1:], {**pod_env, "LWS_WORKER_INDEX": "1"})]
+    assert "$(" not in " ".join(worker_argv)
+
+    # The leader's engine arguments, as the puller hands them to the model in config.pbtxt.
+    argv = puller_command(spec)
+    leader_args = json.loads(kubelet_expand([argv[argv.index("--engine-args") + 1]],
+                                            {**pod_env, "LWS_WORKER_INDEX": "0"})[0])
+    assert leader_args["node_rank"] == 0 and leader_args["master_addr"] == "127.0.0.1"
+    leader_args = {**SETTINGS, **leader_args, "master_port": port, "model": str(copy)}
+
+    worker = LocalProcess(worker_argv, tmp_path / "worker.log", env=engine_env("1"))
+    worker.start()
+    try:
+        group = generate(leader_args, engine_env("0"), tmp_path / "leader.log")
+    except BaseException:
+        print(f"worker log:\n{tail(tmp_path / 'worker.log', 40)}")
+        raise
+    finally:
+        worker.stop(grace=20)
+    single = generate({**SETTINGS, "model": str(copy), "tensor_parallel_size": 1}, engine_env("0-1"),
+                      tmp_path / "single.log")
+    assert all(len(ids) == MAX_TOKENS for ids in single)
+    assert group == single
