@@ -49,6 +49,10 @@ DEFAULT_RUNTIME_IMAGES = {
     ONNXRUNTIME: f"llmserve/triton-onnxruntime:{_installed_version('llmserve')}",
 }
 NVIDIA_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:"
+# What the CRD defaulted spec.runtime.image to before engines existed, stored in every LLMService
+# created then. That image holds no engine our models can use, so it reads as unset: the engine's
+# image serves those services (a pod-template change, not a new revision).
+LEGACY_DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:25.08-py3"
 _VLLM_IMAGE_TAG = re.compile(r"-vllm-python-py3(@sha256:[0-9a-f]{64})?$")
 KIND_GPU, KIND_CPU, KIND_MODEL = "KIND_GPU", "KIND_CPU", "KIND_MODEL"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
@@ -260,7 +264,8 @@ class Spec:
             raise ValueError("spec.model needs name, repository and version")
         startup_timeout = parse_duration(runtime.get("startupTimeout") or "10m")
         engine = runtime.get("engine") or DEFAULT_ENGINE
-        if problem := image_engine_problem(runtime.get("image"), engine):
+        image = None if runtime.get("image") == LEGACY_DEFAULT_IMAGE else runtime.get("image") or None
+        if problem := image_engine_problem(image, engine):
             raise ValueError(f"spec.runtime.{problem}")
         rollout = spec.get("rollout") or {}
         return cls(
@@ -273,7 +278,7 @@ class Spec:
             repository=Repository.parse(model["repository"]),
             sha256=model.get("sha256") or None,
             replicas=int(spec.get("replicas", 1)),
-            image=runtime.get("image") or None,
+            image=image,
             engine=engine,
             engine_settings=EngineSettings.from_spec(runtime.get("engineSettings")),
             parallelism=Parallelism.from_runtime(runtime),

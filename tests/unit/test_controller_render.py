@@ -258,9 +258,9 @@ def test_default_image_follows_the_engine_and_an_explicit_image_wins():
 @pytest.mark.parametrize("image,engine,loads", [
     ("nvcr.io/nvidia/tritonserver:25.08-vllm-python-py3", "vllm", True),
     ("nvcr.io/nvidia/tritonserver:25.08-vllm-python-py3@sha256:" + "0" * 64, "vllm", True),
-    ("nvcr.io/nvidia/tritonserver:25.08-py3", "vllm", False),
+    ("nvcr.io/nvidia/tritonserver:25.07-py3", "vllm", False),
     ("nvcr.io/nvidia/tritonserver:25.08-trtllm-python-py3", "vllm", False),
-    ("nvcr.io/nvidia/tritonserver:25.08-py3", "onnxruntime", False),
+    ("nvcr.io/nvidia/tritonserver:25.07-py3", "onnxruntime", False),
     ("nvcr.io/nvidia/tritonserver:25.08-vllm-python-py3", "onnxruntime", False),
     ("llmserve/triton-onnxruntime:0.1.0", "onnxruntime", True),
     ("registry.example/custom-triton:1", "vllm", True),  # a custom image is the user's word
@@ -281,3 +281,12 @@ def test_shm_is_sized_for_tensor_parallelism():
     assert shm({"gpus": 4, "parallelism": {"tensor": 2, "pipeline": 2}}) == "4Gi"  # every GPU of the pod
     assert shm({"gpus": 4, "shmSize": "8Gi"}) == "8Gi"  # more than the floor stays as asked
     assert shm({"gpus": 4, "engine": "onnxruntime"}) == "256Mi"  # no tensor parallelism
+
+
+def test_the_image_the_crd_used_to_default_reads_as_unset():
+    """Services created before engines store the old default image, which holds no engine: they get
+    the engine's image, with the same revision (a pod-template change, not a rollout)."""
+    legacy = {"runtime": {"image": "nvcr.io/nvidia/tritonserver:25.08-py3"}}
+    assert container(legacy, "tritonserver")["image"] == DEFAULT_RUNTIME_IMAGES["vllm"]
+    # The revision is still made of the stored spec, old image included: no rollout of its own.
+    assert make(legacy).serving["runtime"]["image"] == "nvcr.io/nvidia/tritonserver:25.08-py3"
