@@ -54,34 +54,30 @@ only its own Prometheus (prometheus.url, scheme://host[:port] exactly) or one on
 The operator checks the same (--prometheus-allowed-url) for objects stored before a change.
 */}}
 {{- define "llmserve.prometheusUrlValidation" -}}
-{{- $exact := list }}
-{{- $hosts := list }}
+{{- $conditions := list }}
+{{- $shown := list }}
 {{- with .Values.prometheus.url }}
 {{- $u := urlParse . }}
-{{- $exact = append $exact (printf "%s://%s" $u.scheme $u.host) }}
+{{- $conditions = append $conditions (printf "(url(self).getScheme() == '%s' && url(self).getHost() == '%s')" $u.scheme $u.host) }}
+{{- $shown = append $shown (printf "%s://%s" $u.scheme $u.host) }}
 {{- end }}
 {{- range .Values.prometheus.allowedUrls }}
 {{- $u := urlParse . }}
 {{- if regexMatch ":[0-9]+$" $u.host }}
-{{- $exact = append $exact (printf "%s://%s" $u.scheme $u.host) }}
+{{- $conditions = append $conditions (printf "(url(self).getScheme() == '%s' && url(self).getHost() == '%s')" $u.scheme $u.host) }}
+{{- $shown = append $shown (printf "%s://%s" $u.scheme $u.host) }}
 {{- else }}
-{{- $hosts = append $hosts (printf "%s://%s" $u.scheme $u.host) }}
+{{- $conditions = append $conditions (printf "(url(self).getScheme() == '%s' && url(self).getHostname() == '%s')" $u.scheme (trimAll "[]" $u.host)) }}
+{{- $shown = append $shown (printf "%s://%s:<any port>" $u.scheme $u.host) }}
 {{- end }}
 {{- end }}
-{{- $exactList := printf "[%s]" (include "llmserve.celStrings" $exact) }}
-{{- $hostList := printf "[%s]" (include "llmserve.celStrings" $hosts) }}
 x-kubernetes-validations:
-  - rule: {{ printf "isURL(self) && !self.matches('^[^/]*//[^/]*@') && ((url(self).getScheme() + '://' + url(self).getHost()) in %s || (url(self).getScheme() + '://' + url(self).getHostname()) in %s)" $exactList $hostList | quote }}
-    {{- if or $exact $hosts }}
-    {{- $shown := $exact }}
-    {{- range $hosts }}{{ $shown = append $shown (printf "%s:<any port>" .) }}{{ end }}
+  {{- /* Comparisons, not string concatenation: the API server's cost estimate of the latter is unbounded. */}}
+  - rule: {{ printf "isURL(self) && !self.matches('^[^/]*//[^/]*@') && (%s)" (default "false" ($conditions | join " || ")) | quote }}
+    {{- if $shown }}
     message: {{ printf "must be the operator's Prometheus or on an allowed origin (%s; chart values prometheus.url and prometheus.allowedUrls): the operator fetches no other URL" ($shown | join ", ") | quote }}
     {{- else }}
     message: "the chart allows no per-service Prometheus (chart values prometheus.url and prometheus.allowedUrls are empty): leave it unset; the operator fetches no URL a tenant picks"
     {{- end }}
 {{- end }}
 
-{{/* A list of strings as the items of a CEL list literal: 'a', 'b'. */}}
-{{- define "llmserve.celStrings" -}}
-{{- range $i, $s := . }}{{ if $i }}, {{ end }}'{{ $s }}'{{ end }}
-{{- end }}
