@@ -400,7 +400,7 @@ INVALID = [
     ("gpu-in-resources", ("spec", "runtime", "resources"), {"limits": {"nvidia.com/gpu": 1}},
      ["spec.runtime.resources", "set GPUs with spec.runtime.gpus"]),
     ("resource-not-quantity", ("spec", "runtime", "resources"), {"requests": {"cpu": "lots"}},
-     ["spec.runtime.resources.requests.cpu", "non-negative quantity"]),
+     ["spec.runtime.resources.requests.cpu", "should match"]),
     ("startup-timeout-too-long", ("spec", "runtime", "startupTimeout"), "48h",
      ["spec.runtime.startupTimeout", "between 10s and 6h"]),
     ("startup-timeout-not-duration", ("spec", "runtime", "startupTimeout"), "ten minutes",
@@ -426,6 +426,33 @@ INVALID = [
      ["spec.rollout.analysis.interval", "between 2s and 1h"]),
     ("prometheus-not-url", ("spec", "rollout"), {"analysis": {"prometheus": {"url": "prometheus:9090"}}},
      ["spec.rollout.analysis.prometheus.url", "the operator fetches no other URL"]),
+    # Engines (issue 10): settings that cannot work are refused with what to change.
+    ("engine-unknown", ("spec", "runtime"), {"engine": "tensorrt"}, ["spec.runtime.engine", "Unsupported value"]),
+    ("tensor-parallel-beyond-gpus", ("spec", "runtime"), {"gpus": 2, "engineSettings": {"tensorParallelSize": 4}},
+     ["spec.runtime.engineSettings.tensorParallelSize", "tensorParallelSize 4 does not fit in the pod",
+      "spec.runtime.gpus is 2"]),
+    ("tensor-parallel-on-cpu", ("spec", "runtime"), {"gpus": 0, "engineSettings": {"tensorParallelSize": 2}},
+     ["spec.runtime.engineSettings.tensorParallelSize", "without GPUs it must be 1"]),
+    ("vllm-setting-on-onnxruntime", ("spec", "runtime"), {"engine": "onnxruntime",
+                                                          "engineSettings": {"prefixCaching": True}},
+     ["spec.runtime.engineSettings", "engine onnxruntime takes only", "are vLLM settings"]),
+    ("gpu-memory-above-one", ("spec", "runtime"), {"engineSettings": {"gpuMemoryUtilization": 1.5}},
+     ["spec.runtime.engineSettings.gpuMemoryUtilization", "less than or equal to 1"]),
+    ("gpu-memory-zero", ("spec", "runtime"), {"engineSettings": {"gpuMemoryUtilization": 0}},
+     ["spec.runtime.engineSettings.gpuMemoryUtilization", "greater than 0"]),
+    ("max-model-length-tiny", ("spec", "runtime"), {"engineSettings": {"maxModelLength": 8}},
+     ["spec.runtime.engineSettings.maxModelLength", "greater than or equal to 16"]),
+    ("max-sequences-zero", ("spec", "runtime"), {"engineSettings": {"maxConcurrentSequences": 0}},
+     ["spec.runtime.engineSettings.maxConcurrentSequences", "greater than or equal to 1"]),
+    ("dtype-unknown", ("spec", "runtime"), {"engineSettings": {"dtype": "int4"}},
+     ["spec.runtime.engineSettings.dtype", "Unsupported value"]),
+    ("quantization-unknown", ("spec", "runtime"), {"engineSettings": {"quantization": "magic"}},
+     ["spec.runtime.engineSettings.quantization", "Unsupported value"]),
+    ("image-without-vllm", ("spec", "runtime"), {"image": "nvcr.io/nvidia/tritonserver:25.08-py3"},
+     ["spec.runtime.image", "cannot load engine vllm", "leave image unset"]),
+    ("vllm-image-for-onnxruntime", ("spec", "runtime"),
+     {"engine": "onnxruntime", "image": "nvcr.io/nvidia/tritonserver:25.08-vllm-python-py3"},
+     ["spec.runtime.image", "cannot load engine onnxruntime"]),
     ("unknown-field", ("spec", "modle"), {"name": "typo"}, ['unknown field "spec.modle"']),
     ("name-not-dns-label", ("metadata", "name"), "chat.bot", ["metadata.name must be a DNS-1035 label"]),
 ]
@@ -444,3 +471,19 @@ def test_invalid_manifests_are_refused_naming_field_and_rule(testbed, llmserve_c
 def test_the_base_of_the_invalid_cases_is_valid(testbed, llmserve_chart):
     """So that each invalid case above fails for its own reason only."""
     testbed.kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(llmservice("valid", "default")))
+
+
+@pytest.mark.parametrize("runtime", [
+    {"gpus": 4, "engine": "vllm", "image": "nvcr.io/nvidia/tritonserver:25.08-vllm-python-py3",
+     "engineSettings": {"tensorParallelSize": 4, "maxModelLength": 8192, "gpuMemoryUtilization": 0.85,
+                        "maxConcurrentSequences": 128, "prefixCaching": True, "dtype": "bfloat16",
+                        "quantization": "fp8"}},
+    {"gpus": 0, "engineSettings": {"tensorParallelSize": 1, "gpuMemoryUtilization": 0.1}},
+    {"gpus": 1, "engine": "onnxruntime", "engineSettings": {"maxModelLength": 2048, "maxConcurrentSequences": 8}},
+    {"engine": "onnxruntime", "image": "registry.example/custom-triton:1"},
+], ids=["vllm-4-gpus", "vllm-cpu", "onnxruntime", "custom-image"])
+def test_engine_settings_that_fit_are_stored_as_written(testbed, llmserve_chart, runtime):
+    manifest = _mutate(llmservice("valid", "default"), ("spec", "runtime"), runtime)
+    stored = json.loads(testbed.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-",
+                                        input=yaml.safe_dump(manifest)).stdout)
+    assert {k: stored["spec"]["runtime"][k] for k in runtime} == runtime
