@@ -1,47 +1,73 @@
-"""Data-plane benchmark: naive PyTorch serving vs our gated ONNX artifact on Triton.
+"""Data-plane benchmark: what each serving stack delivers on this machine's CPU, side by side.
 
-Baseline: transformers eager PyTorch (fp32) behind a plain single-threaded HTTP server that
-handles one request at a time, as the seeds' Flask example deploys a model. Ours: the artifact
-`llmserve build` publishes, pulled like the pod's init container does and served by the real
-tritonserver with dynamic batching. Both run on this machine's CPU, loopback only, with the
-same closed-loop clients (each client sends its next request when the previous one is answered)
-and a bounded number of requests per level.
+Embeddings: naive PyTorch serving vs our gated MiniLM int8 artifact on Triton (requests/s).
 
-    python bench/dataplane.py                       # embeddings (MiniLM int8) + LLM (SmolLM2 fp32)
+Generation (issue 10, item 8): SmolLM2-135M-Instruct through an OpenAI `/v1/completions` stream
+on four stacks, one after another in one run (never two at once: they would share the 2 cores):
+
+- `eager`: transformers eager PyTorch (fp32) behind a minimal OpenAI-compatible server that
+  serves one request at a time, as a naive deployment does;
+- `onnx`: the ONNX Runtime artifact (`llmserve build`, fp32) on the real tritonserver, behind
+  the predictor, as in its pod;
+- `vllm-triton`: the vLLM artifact (`llmserve build --engine vllm`, bf16) in tritonserver's
+  python backend (model_repo/vllm) on vLLM's CPU build, behind the predictor, as in its pod;
+- `vllm`: vLLM alone, its own OpenAI server in the same engine environment with the same engine
+  arguments and environment (the ceiling for vllm-triton).
+
+Each level is closed-loop: `streams` clients, each sending its next request when its stream has
+ended, `--requests-per-stream` requests each, greedy, `max_tokens` fixed. Prompt mixes: `short`
+(one sentence) and `mixed` (one request in eight has a distinct ~1,000-token prompt). Reported per
+stack and level: output tokens/s, time to first token p50/p99 and inter-token gap p99 (between
+consecutive streamed chunks), then the goals: vllm-triton >= 1.5x onnx tokens/s at 64 short
+streams, >= 8x at 64 mixed, p99 TTFT <= 1/5 of onnx's, and within 15 % of vLLM alone.
+
+    python bench/dataplane.py                                   # embeddings + generation
+    python bench/dataplane.py --only generate                   # the four LLM stacks
+    python bench/dataplane.py --only generate --lm tiny --systems onnx,vllm-triton   # smoke run
     python bench/dataplane.py --only embedding --requests 64
-    python bench/dataplane.py --lm tiny             # quick run with the tiny test LM
-
-Reported per concurrency level: throughput (requests/s; for generation tokens/s), p50 and p99
-latency, and accuracy against the baseline's answers (mean cosine for embeddings, exact greedy
-text matches for generation). Goals: embeddings >= 5x baseline throughput at 32 clients, LLM
-generation >= 2x baseline tokens/s at 16 concurrent requests.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
 
 from llmserve.artifacts import client, gate, testmodels
-from llmserve.artifacts.manifest import pull
+from llmserve.artifacts.manifest import ManifestError, Serving, pull, verify_version
+from llmserve.predictors.local import LocalPredictor
+from llmserve.testbed.paths import cache_root
 from llmserve.testbed.procs import free_ports
-from llmserve.testbed.triton import TritonServer
+from llmserve.testbed.triton import TritonServer, engine_env
 
-GENERATE_PROMPTS = gate.LM_PROMPTS + [
+SHORT_PROMPTS = gate.LM_PROMPTS + [
     "The best way to learn a new language is",
     "In the morning, I usually",
 ]
+SYSTEMS = ("eager", "onnx", "vllm-triton", "vllm")
+VLLM_ENGINE_ENV = engine_env("vllm")
+# Both vLLM stacks run with these over the artifact's engine.json: eager mode (compiled mode takes
+# minutes to start on the CPU) and a KV budget in bytes (the published GPU-memory fraction would
+# mean most of host memory on the CPU build); and no core reserved for the serving process (the
+# CPU build's default halves a 2-core machine).
+VLLM_CPU_ENGINE_ARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 2 << 30}
+VLLM_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 # -- the baseline server (runs as a child process: `--serve-baseline`) ----------------------------
@@ -67,18 +93,47 @@ def serve_baseline(kind: str, source: str, port: int) -> None:
         model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
         eos = model.generation_config.eos_token_id
 
-        def answer(body):
+        class Streamer:
+            """transformers' streamer interface: ``put`` gets the prompt, then each new token."""
+
+            def __init__(self, emit):
+                self.emit, self.prompt_seen, self.tokens = emit, False, 0
+
+            def put(self, value):
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                for token in value.reshape(-1).tolist():
+                    self.tokens += 1
+                    self.emit(tokenizer.decode([token], skip_special_tokens=True))
+
+            def end(self):
+                pass
+
+        def complete(body, emit):
+            """An OpenAI completion stream: greedy, ``max_tokens`` new tokens at most."""
             ids = tokenizer(body["prompt"], return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=body["max_tokens"], do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos)
-            new = out[0, ids["input_ids"].shape[1]:]
-            new = [t for t in new.tolist() if t not in ([eos] if isinstance(eos, int) else eos)]
-            return {"text": tokenizer.decode(new, skip_special_tokens=True),
-                    "completion_tokens": len(new)}
+            streamer = Streamer(emit)
+            model.generate(**ids, max_new_tokens=body["max_tokens"], do_sample=False, eos_token_id=eos,
+                           pad_token_id=tokenizer.pad_token_id or eos, streamer=streamer)
+            return {"prompt_tokens": ids["input_ids"].shape[1], "completion_tokens": streamer.tokens}
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/v1/completions":
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+
+                def event(data):
+                    self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+                    self.wfile.flush()
+
+                usage = complete(body, lambda text: event({"choices": [{"index": 0, "text": text}]}))
+                event({"choices": [], "usage": usage})
+                self.wfile.write(b"data: [DONE]\n\n")
+                return
             data = json.dumps(answer(body)).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -94,38 +149,61 @@ def serve_baseline(kind: str, source: str, port: int) -> None:
             pass
 
     class Server(HTTPServer):
-        request_queue_size = 128  # waiting clients queue in the backlog instead of timing out
+        request_queue_size = 256  # waiting clients queue in the backlog instead of timing out
 
     Server(("127.0.0.1", port), Handler).serve_forever()  # one request at a time
 
 
-class Baseline:
-    def __init__(self, kind: str, source: Path):
+class ServerProcess:
+    """A benchmark-owned HTTP server process on a free loopback port, ready when ``ready_path``
+    answers; stopped (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, argv: list[str], ready_path: str = "/", env: dict[str, str] | None = None,
+                 timeout: float = 600, log: Path | None = None):
         (self.port,) = free_ports(1)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-baseline", kind,
-                                      str(source), str(self.port)])
-        deadline = time.monotonic() + 300
+        argv = [a.replace("{port}", str(self.port)) for a in argv]
+        self.log = open(log, "wb") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=2)
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}{ready_path}", timeout=2)
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the baseline server did not start")
+                    self.stop()
+                    raise RuntimeError(f"{argv[:4]} did not start (log: {log})")
                 time.sleep(0.5)
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
+
+
+class Baseline(ServerProcess):
+    def __init__(self, kind: str, source: Path):
+        super().__init__([sys.executable, __file__, "--serve-baseline", kind, str(source), "{port}"], timeout=300)
+
     def call(self, body: dict) -> dict:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/", json.dumps(body).encode(),
+        req = urllib.request.Request(f"{self.url}/", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as resp:
             return json.loads(resp.read())
 
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
-
-# -- load generation ----------------------------------------------------------------------------
+# -- embeddings: closed-loop threads against Triton -----------------------------------------------
 
 
 def run_level(call, work: list, concurrency: int) -> dict:
@@ -188,63 +266,219 @@ def bench_embeddings(args, repo_root: Path) -> dict:
     return report
 
 
-def bench_generate(args, repo_root: Path) -> dict:
-    source = testmodels.smollm2() if args.lm == "smollm2" else testmodels.tiny_lm()
-    built = testmodels.cached_build(source, args.lm, "generate", "fp32")
-    dest = repo_root / "generate"
-    pull(built.repo, built.name, built.version, dest)
-    prompts = (GENERATE_PROMPTS * (args.gen_requests // len(GENERATE_PROMPTS) + 1))
-    prompts = prompts[:args.gen_requests]
-    results = {}
-    baseline = Baseline("generate", source)
-    try:
-        for c in args.gen_concurrency:
-            level = run_level(lambda p, _: baseline.call({"prompt": p,
-                                                          "max_tokens": args.max_tokens}),
-                              prompts, c)
-            tokens = sum(a["completion_tokens"] for a in level["answers"])
-            results[("baseline", c)] = (summarize(level, tokens), [a["text"] for a in level["answers"]])
-    finally:
-        baseline.stop()
-    with TritonServer(dest, {built.name: 1}) as server:
-        def call(prompt, _):
-            (answer,) = client.generate(server.grpc_url, built.name,
-                                        [{"prompt": prompt, "max_tokens": args.max_tokens}])
-            if answer.error:
-                raise RuntimeError(answer.error)
-            return answer
-
-        for c in args.gen_concurrency:
-            level = run_level(call, prompts, c)
-            tokens = sum(a.completion_tokens for a in level["answers"])
-            results[("triton", c)] = (summarize(level, tokens), [a.text for a in level["answers"]])
-    report = {}
-    for c in args.gen_concurrency:
-        base, ours = results[("baseline", c)], results[("triton", c)]
-        same = sum(a == b for a, b in zip(base[1], ours[1]))
-        report[c] = {"baseline": base[0], "triton": ours[0], "greedy_match": f"{same}/{len(base[1])}"}
-    return report
-
-
-def print_report(title: str, unit: str, report: dict, accuracy_key: str, goal_at: int,
-                 goal: float) -> None:
+def print_embeddings(title: str, report: dict, goal_at: int, goal: float) -> None:
     print(f"\n{title}")
-    print(f"{'clients':>7} | {'baseline ' + unit:>18} {'p50 ms':>8} {'p99 ms':>8} | "
-          f"{'triton ' + unit:>16} {'p50 ms':>8} {'p99 ms':>8} | {'ratio':>6} | accuracy")
+    print(f"{'clients':>7} | {'baseline req/s':>18} {'p50 ms':>8} {'p99 ms':>8} | "
+          f"{'triton req/s':>16} {'p50 ms':>8} {'p99 ms':>8} | {'ratio':>6} | accuracy")
     for c, row in report.items():
         b, t = row["baseline"], row["triton"]
         print(f"{c:>7} | {b['throughput']:>18.1f} {b['p50_ms']:>8.1f} {b['p99_ms']:>8.1f} | "
               f"{t['throughput']:>16.1f} {t['p50_ms']:>8.1f} {t['p99_ms']:>8.1f} | "
-              f"{t['throughput'] / b['throughput']:>5.2f}x | {accuracy_key}={_fmt(row[accuracy_key])}")
+              f"{t['throughput'] / b['throughput']:>5.2f}x | mean_cosine={row['mean_cosine']:.4f}")
     if goal_at in report:
         row = report[goal_at]
         ratio = row["triton"]["throughput"] / row["baseline"]["throughput"]
-        verdict = "met" if ratio >= goal else "NOT met"
-        print(f"goal: >= {goal:.0f}x at {goal_at} clients -> {ratio:.2f}x ({verdict})")
+        print(f"goal: >= {goal:.0f}x at {goal_at} clients -> {ratio:.2f}x ({'met' if ratio >= goal else 'NOT met'})")
 
 
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+# -- generation: OpenAI streams against each stack ------------------------------------------------
+
+
+def long_prompt(index: int, tokens: int = 1000) -> str:
+    """A distinct ~``tokens``-token English prompt (about 4.5 characters per SmolLM2 token): its
+    first sentence names ``index``, so no two share a cached prefix."""
+    items = ("crates of apples", "rolls of cable", "boxes of nails", "sacks of flour", "drums of oil")
+    sentences, n = [f"Logbook {index}, port of call number {index * 7 + 3}."], 0
+    while sum(len(s) for s in sentences) < tokens * 4.5:
+        n += 1
+        sentences.append(f"On day {n} the ship unloaded {(index + n) * 13 % 97} {items[(index + n) % 5]} "
+                         f"at dock {(index * n) % 11} before noon.")
+    return " ".join(sentences) + " Summarize the logbook:"
+
+
+def workload(mix: str, requests: int) -> list[str]:
+    prompts = [SHORT_PROMPTS[i % len(SHORT_PROMPTS)] for i in range(requests)]
+    if mix == "mixed":
+        prompts = [long_prompt(i) if i % 8 == 7 else p for i, p in enumerate(prompts)]
+    return prompts
+
+
+@dataclass
+class Stream:
+    ttft: float  # seconds from sending to the first text
+    gaps: list[float]  # between consecutive text chunks
+    tokens: int
+
+
+@dataclass
+class Level:
+    wall: float
+    streams: list[Stream] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        ttft = np.array([s.ttft for s in self.streams]) * 1000
+        gaps = np.array([g for s in self.streams for g in s.gaps] or [0.0]) * 1000
+        tokens = sum(s.tokens for s in self.streams)
+        return {"tokens_per_s": tokens / self.wall, "ttft_p50_ms": float(np.percentile(ttft, 50)),
+                "ttft_p99_ms": float(np.percentile(ttft, 99)), "itl_p99_ms": float(np.percentile(gaps, 99)),
+                "tokens": tokens, "requests": len(self.streams), "wall_s": self.wall}
+
+
+async def _stream(http, url: str, model: str, prompt: str, max_tokens: int) -> Stream:
+    import orjson
+
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    times, tokens = [], 0
+    async with http.stream("POST", f"{url}/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = orjson.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"{url}: {event['error']}")
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if any(c.get("text") for c in event["choices"]):
+                times.append(time.perf_counter())
+    if not times:
+        raise RuntimeError(f"{url}: a stream without text")
+    return Stream(times[0] - start, list(np.diff(times)), tokens or len(times))
+
+
+async def _level(url: str, model: str, prompts: list[str], streams: int, max_tokens: int) -> Level:
+    import httpx
+
+    queue = list(reversed(prompts))
+    results: list[Stream] = []
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as http:
+        async def client():
+            while queue:
+                results.append(await _stream(http, url, model, queue.pop(), max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(streams)))
+        return Level(time.perf_counter() - start, results)
+
+
+def measure(url: str, model: str, args) -> dict:
+    """Every (mix, streams) level against one stack, after two warm-up requests."""
+    asyncio.run(_level(url, model, SHORT_PROMPTS[:2], 2, args.max_tokens))
+    out = {}
+    for mix in args.mixes:
+        for streams in args.streams:
+            prompts = workload(mix, streams * args.requests_per_stream)
+            out[f"{mix}/{streams}"] = asyncio.run(_level(url, model, prompts, streams, args.max_tokens)).summary()
+            print(f"  {mix:>5} x {streams:<3} {out[f'{mix}/{streams}']}", file=sys.stderr, flush=True)
+    return out
+
+
+def vllm_artifact(source: Path, name: str) -> Path:
+    """The version directory ``llmserve build --engine vllm`` publishes for ``source``, built
+    once into the cache (keyed by the source directory's name) and verified on reuse."""
+    repo = cache_root() / "bench-artifacts" / f"{source.name}-vllm" / "repo"
+    version = repo / name / "1"
+    try:
+        verify_version(version)
+        return version
+    except ManifestError:  # absent or damaged: build it afresh
+        shutil.rmtree(repo, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "llmserve", "build", str(source), "--repo", str(repo), "--model", name,
+                    "--engine", "vllm"], check=True)
+    return version
+
+
+@contextmanager
+def serve(system: str, source: Path, name: str, work: Path, args) -> Iterator[str]:
+    """Start ``system`` on ``source`` and yield its OpenAI base URL."""
+    if system == "eager":
+        baseline = Baseline("generate", source)
+        try:
+            yield f"{baseline.url}/v1"
+        finally:
+            baseline.stop()
+        return
+    if system == "onnx":
+        built = testmodels.cached_build(source, name, "generate", "fp32")
+        dest = work / "onnx"
+        pull(built.repo, built.name, built.version, dest)
+        with (TritonServer(dest, {name: 1}, startup_timeout=600) as triton,
+              LocalPredictor(triton.grpc_url, name, max_concurrency=256, startup_timeout=300) as predictor):
+            yield predictor.openai_base_url
+        return
+    version = vllm_artifact(source, name)
+    engine_args = {**json.loads((version / "engine.json").read_text()), **VLLM_CPU_ENGINE_ARGS, **args.engine_args}
+    os.environ.update(VLLM_ENV)  # tritonserver and its python backend stub inherit it
+    if system == "vllm-triton":
+        dest = work / "vllm"
+        pull(version.parent.parent, name, 1, dest, serving=Serving(engine="vllm", instance_kind="KIND_CPU",
+                                                                   engine_args=engine_args))
+        with (TritonServer(dest, {name: 1}, startup_timeout=900) as triton,  # in the engine env
+              LocalPredictor(triton.grpc_url, name, max_concurrency=256, startup_timeout=300) as predictor):
+            yield predictor.openai_base_url
+        return
+    config = work / "vllm-serve.yaml"  # JSON is YAML; vLLM turns each key into its --flag
+    config.write_text(json.dumps({k.replace("_", "-"): v for k, v in engine_args.items()
+                                  if k not in ("model", "tokenizer")}))
+    server = ServerProcess([str(VLLM_ENGINE_ENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+                            "--model", str(version), "--served-model-name", name, "--host", "127.0.0.1",
+                            "--port", "{port}", "--config", str(config)],
+                           ready_path="/health", env={**VLLM_ENV, "LC_ALL": "C.UTF-8"}, timeout=900,
+                           log=work / "vllm-serve.log")
+    try:
+        yield f"{server.url}/v1"
+    finally:
+        server.stop()
+
+
+GOALS = [  # (label, level, metric, ours, theirs, bound on ours/theirs)
+    (">= 1.5x onnx tokens/s, 64 short streams", "short/64", "tokens_per_s", "vllm-triton", "onnx", 1.5),
+    (">= 8x onnx tokens/s, 64 mixed streams", "mixed/64", "tokens_per_s", "vllm-triton", "onnx", 8.0),
+    ("<= 1/5 of onnx p99 TTFT, 64 mixed streams", "mixed/64", "ttft_p99_ms", "vllm-triton", "onnx", 0.2),
+]
+
+
+def print_generation(title: str, report: dict) -> None:
+    print(f"\n{title}")
+    print(f"{'level':>10} | {'stack':>11} | {'tok/s':>8} | {'TTFT p50':>9} | {'TTFT p99':>9} | {'ITL p99':>8}")
+    levels = sorted({lvl for rows in report.values() for lvl in rows}, key=lambda k: (k.split("/")[0] != "short",
+                                                                                      int(k.split("/")[1])))
+    for level in levels:
+        for system in SYSTEMS:
+            row = report.get(system, {}).get(level)
+            if row:
+                print(f"{level:>10} | {system:>11} | {row['tokens_per_s']:>8.1f} | {row['ttft_p50_ms']:>7.0f}ms | "
+                      f"{row['ttft_p99_ms']:>7.0f}ms | {row['itl_p99_ms']:>6.0f}ms")
+    print("goals (vllm-triton):")
+    for label, level, metric, ours, theirs, bound in GOALS:
+        a, b = report.get(ours, {}).get(level), report.get(theirs, {}).get(level)
+        if a and b:
+            ratio = a[metric] / b[metric]
+            met = ratio <= bound if metric.startswith("ttft") else ratio >= bound
+            print(f"  {label}: {ratio:.2f}x ({'met' if met else 'NOT met'})")
+    for level in levels:
+        a, b = report.get("vllm-triton", {}).get(level), report.get("vllm", {}).get(level)
+        if a and b:
+            ratio = a["tokens_per_s"] / b["tokens_per_s"]
+            print(f"  within 15% of vLLM alone, {level}: {ratio:.2f}x ({'met' if ratio >= 0.85 else 'NOT met'})")
+
+
+def bench_generate(args, work: Path) -> dict:
+    source = testmodels.smollm2() if args.lm == "smollm2" else testmodels.tiny_lm()
+    report = {}
+    for system in args.systems:
+        print(f"{system}:", file=sys.stderr, flush=True)
+        with serve(system, source, args.lm, work / system, args) as url:
+            report[system] = measure(url, args.lm, args)
+    return report
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def main() -> int:
@@ -254,24 +488,36 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("embedding", "generate"))
     parser.add_argument("--requests", type=int, default=192, help="embedding requests per level")
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[1, 8, 32], help="embedding client counts")
+    parser.add_argument("--concurrency", type=_ints, default=[1, 8, 32], help="embedding client counts")
     parser.add_argument("--lm", choices=("smollm2", "tiny"), default="smollm2")
-    parser.add_argument("--gen-requests", type=int, default=32, help="generations per level")
-    parser.add_argument("--gen-concurrency", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[1, 16], help="generation client counts")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--systems", type=lambda s: s.split(","), default=list(SYSTEMS),
+                        help=f"generation stacks, in order (default: {','.join(SYSTEMS)})")
+    parser.add_argument("--streams", type=_ints, default=[16, 64], help="concurrent streams per level")
+    parser.add_argument("--mixes", type=lambda s: s.split(","), default=["short", "mixed"])
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--engine-args", type=json.loads, default={},
+                        help="JSON vLLM engine arguments over engine.json and the CPU defaults (both vLLM stacks)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    unknown = set(args.systems) - set(SYSTEMS) or set(args.mixes) - {"short", "mixed"}
+    if unknown:
+        parser.error(f"unknown: {', '.join(sorted(unknown))}")
+    results = {"load_average_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="llmserve-bench-") as tmp:
         if args.only in (None, "embedding"):
             report = bench_embeddings(args, Path(tmp))
-            print_report(f"Embeddings (MiniLM-L6 int8, {args.requests} requests of 1 text)",
-                         "req/s", report, "mean_cosine", 32, 5)
+            print_embeddings(f"Embeddings (MiniLM-L6 int8, {args.requests} requests of 1 text)", report, 32, 5)
+            results["embedding"] = {str(k): v for k, v in report.items()}
         if args.only in (None, "generate"):
             report = bench_generate(args, Path(tmp))
-            print_report(f"Generation ({args.lm} fp32, {args.gen_requests} requests x "
-                         f"{args.max_tokens} tokens, greedy)", "tok/s", report, "greedy_match",
-                         16, 2)
+            print_generation(f"Generation ({args.lm}, {args.max_tokens} output tokens, greedy, "
+                             f"{args.requests_per_stream} requests per stream; load average before "
+                             f"{results['load_average_before'][1]:.1f}, after {os.getloadavg()[1]:.1f})", report)
+            results["generate"] = report
+    results["load_average_after"] = os.getloadavg()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=float))
     return 0
 
 

@@ -8,8 +8,6 @@ Generation is greedy unless a test sets a temperature, so answers are determinis
 
 from __future__ import annotations
 
-import re
-import urllib.request
 
 import httpx
 import numpy as np
@@ -17,6 +15,7 @@ import openai
 import pytest
 import tritonclient.http as httpclient
 
+from fixtures.predictor import scraped
 from llmserve.artifacts import client as triton_client
 
 pytestmark = pytest.mark.triton
@@ -37,14 +36,7 @@ def direct(service, **request) -> triton_client.Generation:
 
 
 def metric(service, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"{service.predictor.url}/metrics", timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name):line.index("}")]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return scraped(f"{service.predictor.url}/metrics", name, **labels)
 
 
 def test_models_are_listed_and_retrieved(generate_service):

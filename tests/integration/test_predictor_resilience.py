@@ -9,7 +9,6 @@ a hang fails instead of passing.
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 import urllib.request
@@ -19,6 +18,7 @@ from urllib.error import HTTPError
 import openai
 import pytest
 
+from fixtures.predictor import scraped
 from llmserve.testbed.procs import free_ports
 
 pytestmark = pytest.mark.triton
@@ -43,13 +43,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) ->
 
 def metric(predictor, name: str, **labels: str) -> float:
     """A sample of the predictor's /metrics (0 when absent)."""
-    text = urllib.request.urlopen(f"{predictor.url}/metrics", timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name):line.index("}")]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return scraped(f"{predictor.url}/metrics", name, **labels)
 
 
 def status(url: str) -> int:
