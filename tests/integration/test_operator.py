@@ -366,7 +366,9 @@ def test_crd_defaults_do_not_change_the_revision(testbed, llmserve_chart):
     ("get", "configmaps", False),
 ])
 def test_service_account_has_exactly_what_the_operator_does(testbed, llmserve_chart, verb, resource, allowed):
-    result = testbed.kubectl("auth", "can-i", verb, resource, "--all-namespaces",
+    # `kind/name` means an object name to kubectl auth can-i: a subresource goes in its own flag.
+    resource, _, subresource = resource.partition("/")
+    result = testbed.kubectl("auth", "can-i", verb, resource, "--all-namespaces", f"--subresource={subresource}",
                              "--as=system:serviceaccount:llmserve-system:llmserve", check=False)
     assert result.stdout.strip() == ("yes" if allowed else "no")
 
