@@ -33,6 +33,7 @@ import yaml
 from . import pki, toolchain
 from .cluster import TestBed
 from .procs import LocalProcess, LocalServer, free_ports
+from .waiting import poll
 
 NAMESPACE = "lws-system"
 NAME = "lws-controller-manager"
@@ -144,7 +145,7 @@ class LWSController(LocalServer):
             self.port, self.health_port = free_ports(2)
             self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
                                  str(config / "crd" / "bases" / "leaderworkerset.x-k8s.io_leaderworkersets.yaml"))
-            self.cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+            poll(f"CRD {CRD_NAME} Established", self._crd_established, 60)
             self.cluster.apply(*manifests(config, self.port, (self.cluster.dir / "pki" / "ca.crt").read_bytes()))
             kubeconfig = service_account_kubeconfig(self.cluster, self._workdir / "kubeconfig", NAMESPACE, NAME)
             cert_dir = self._workdir / "certs"
@@ -185,6 +186,11 @@ class LWSController(LocalServer):
             time.sleep(0.5)
         raise LWSError(f"LeaderWorkerSet webhooks not serving after {self.startup_timeout:.0f}s ({last});\n"
                        f"controller log:\n{self.log_tail()}")
+
+    def _crd_established(self) -> bool:
+        found = self.cluster.kubectl("get", "crd", CRD_NAME, "-o",
+                                     "jsonpath={.status.conditions[?(@.type=='Established')].status}", check=False)
+        return found.stdout.strip() == "True"
 
     def _healthy(self) -> bool:
         try:
