@@ -228,8 +228,9 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str, plan
         # at its target would otherwise adopt them as the new spec.replicas, step after step).
         "replicas": min(spec.replicas, sum(workload_counts(d, seen.pods)["replicas"] for d in seen.deployments)),
         # For the HPA's pod count (scale subresource): one pod per replica, so never a
-        # multi-node replica's workers.
-        "selector": pod_selector(spec.name) + (f",{lws.LABEL_ROLE}!={lws.WORKER}"
+        # multi-node replica's workers. `notin`, not `!=`: clients convert the string to a
+        # LabelSelector, which has no `!=`.
+        "selector": pod_selector(spec.name) + (f",{lws.LABEL_ROLE} notin ({lws.WORKER})"
                                                if spec.parallelism.multi_node else ""),
         "endpoint": f"http://{spec.name}.{spec.namespace}.svc:{PREDICTOR_PORT}",
         "unschedulableReplicas": unschedulable(seen.pods),

@@ -64,7 +64,7 @@ def test_two_nodes_by_four_gpus_become_one_ready_replica(testbed, lws_controller
         assert env["LWS_WORKER_INDEX"] == pod["metadata"]["labels"][LABEL_WORKER_INDEX]
     # The scale subresource counts groups.
     scale = get_json(testbed, "llms", "big", "-n", namespace, "--subresource=scale")
-    assert scale["status"]["replicas"] == 1 and "llmserve.io/role!=worker" in scale["status"]["selector"]
+    assert scale["status"]["replicas"] == 1 and "llmserve.io/role notin (worker)" in scale["status"]["selector"]
 
 
 def test_a_group_that_cannot_be_placed_completely_is_unschedulable_and_not_ready(testbed, lws_controller, namespace):
@@ -106,3 +106,47 @@ def test_a_deleted_member_recreates_its_group(testbed, lws_controller, namespace
     pods = members(testbed, namespace, lws)
     assert {p["metadata"]["labels"][LABEL_GROUP_INDEX] for p in pods} == {"0"} and len(pods) == 2
     assert obj["status"]["replicas"] == 1
+
+
+def test_the_scale_subresource_adds_whole_groups(testbed, lws_controller, namespace):
+    """What an HPA does to an LLMService (it writes the scale subresource) adds groups, not pods."""
+    testbed.apply(llmservice("big", namespace, gpus=2, nodes=2))
+    wait_for(lambda: ready(testbed, namespace, "big"), "the service Ready", timeout=180)
+    testbed.kubectl("scale", "llms/big", "-n", namespace, "--replicas=2")
+
+    def two_groups():
+        obj = ready(testbed, namespace, "big")
+        return obj if obj and condition(obj, "Ready")["message"].startswith("2/2 replicas") else None
+
+    obj = wait_for(two_groups, "two complete groups Ready", timeout=180)
+    lws = set_name(testbed, namespace, "big")
+    assert get_json(testbed, "leaderworkersets", lws, "-n", namespace)["spec"]["replicas"] == 2
+    pods = members(testbed, namespace, lws)
+    assert len(pods) == 4 and {p["metadata"]["labels"][LABEL_GROUP_INDEX] for p in pods} == {"0", "1"}
+    assert obj["status"]["replicas"] == 2
+
+
+def test_a_new_version_rolls_out_as_a_second_leader_worker_set_within_one_group_of_surge(
+        testbed, lws_controller, namespace):
+    # One replica of 2 nodes x 8 GPUs on a bed of 4 x 8-GPU nodes: the stable group and one surge
+    # group fill every GPU, so the rollout completes only if surge is counted in whole groups.
+    testbed.apply(llmservice("big", namespace, gpus=8, nodes=2))
+    wait_for(lambda: ready(testbed, namespace, "big"), "v1 Ready", timeout=180)
+    old = set_name(testbed, namespace, "big")
+    testbed.apply(llmservice("big", namespace, gpus=8, nodes=2, version=2))
+    new = set_name(testbed, namespace, "big")
+    seen_sets, most_groups = set(), 0
+
+    def promoted():
+        nonlocal most_groups
+        sets = get_json(testbed, "leaderworkersets", "-n", namespace)["items"]
+        seen_sets.update(s["metadata"]["name"] for s in sets)
+        most_groups = max(most_groups, sum(s["spec"]["replicas"] for s in sets))
+        obj = get_json(testbed, "llms", "big", "-n", namespace)
+        done = (obj["status"].get("stable") or {}).get("version") == 2 and condition(obj, "Ready")["status"] == "True"
+        return obj if done and [s["metadata"]["name"] for s in sets] == [new] else None
+
+    obj = wait_for(promoted, "v2 promoted and the v1 LeaderWorkerSet removed", timeout=300)
+    assert {old, new} <= seen_sets  # the canary was a second LeaderWorkerSet
+    assert most_groups <= 2  # replicas + maxSurge groups, never more
+    assert obj["status"]["history"][-1]["version"] == 2

@@ -201,7 +201,7 @@ def test_groups_with_every_member_ready_are_ready_replicas():
     assert (ready["status"], ready["reason"]) == ("True", "Available")
     assert ready["message"].startswith("2/2 replicas")
     assert status["replicas"] == 2
-    assert status["selector"].endswith(",llmserve.io/role!=worker")
+    assert status["selector"].endswith(",llmserve.io/role notin (worker)")
 
 
 def test_a_group_missing_a_member_is_not_ready_even_if_the_controller_has_not_noticed():
