@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "llmserve.operator.rollout_cli",
     "llmserve.operator.autoscaling_cli",
     "llmserve.artifacts.cli",
+    "llmserve.compress.cli",
     "llmserve.predictors.cli",
     "llmserve.quickstart",
 )

@@ -34,6 +34,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from llmserve.compress import lineage, onnx_quant
+
 from . import gate as gates
 from .manifest import VERSION_CONFIG, write_manifest
 from .repository import (
@@ -47,7 +49,7 @@ from .repository import (
     staging_dir,
 )
 
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16", "int8", "w8", "w4")  # w8/w4: weight-only MatMulNBits
 ONNX_FILE = "model.onnx"
 OPSET = 18
 _TWO_GB = 2 << 30
@@ -277,7 +279,8 @@ def optimize(raw: Path, out: Path, kind: str, config) -> dict:
     return {k: v for k, v in model.get_fused_operator_statistics().items() if v}
 
 
-def make_variant(optimized: Path, out: Path, variant: str) -> None:
+def make_variant(optimized: Path, out: Path, variant: str, config=None,
+                 source_lineage: dict | None = None) -> None:
     if variant == "fp32":
         shutil.move(optimized, out)
     elif variant == "fp16":
@@ -294,6 +297,15 @@ def make_variant(optimized: Path, out: Path, variant: str) -> None:
         # crush the rest (MiniLM's worst-case cosine drops to 0.87 with them).
         quantize_dynamic(str(optimized), str(out), per_channel=True, weight_type=QuantType.QInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    elif variant in onnx_quant.VARIANT_BITS:
+        try:
+            spec = onnx_quant.scheme(variant, source_lineage)
+            done = onnx_quant.quantize(optimized, out, spec, config.vocab_size)
+        except onnx_quant.QuantizeError as exc:
+            raise BuildError(f"variant {variant}: {exc}") from None
+        progress(f"weight-only int{spec['bits']}: {done['matmulnbits_nodes']} MatMulNBits "
+                 f"(block {spec['block_size']}, {'symmetric' if spec['symmetric'] else 'asymmetric'}"
+                 f"), {done['kept_full_precision']} MatMul kept full precision")
     else:
         raise BuildError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
 
@@ -429,7 +441,8 @@ def _optimize_and_vary(req: BuildRequest, config, work: Path, staged: Path) -> d
         fused = optimize(work / "raw.onnx", work / "optimized.onnx", req.kind, config)
     progress(f"fused operators: {fused or 'none'}")
     with _Stage(f"variant {req.variant}"):
-        make_variant(work / "optimized.onnx", work / ONNX_FILE, req.variant)
+        make_variant(work / "optimized.onnx", work / ONNX_FILE, req.variant, config,
+                     lineage.read(req.source))
     for path in work.glob(f"{ONNX_FILE}*"):  # the model and its external data, if any
         shutil.move(path, staged / path.name)
     return fused
@@ -485,6 +498,7 @@ def build(req: BuildRequest) -> BuildResult:
             "model": name,
             "kind": req.kind,
             "variant": req.variant,
+            "lineage": lineage.read(source),  # compression history (llmserve compress), or None
             "source": {"path": str(source), "sha256": digest,
                        "architectures": list(config.architectures or [])},
             "accuracy": accuracy,

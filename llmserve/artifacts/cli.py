@@ -34,8 +34,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--engine", choices=("onnxruntime", "vllm"), default="onnxruntime",
                        help="onnxruntime: ONNX artifact for model_repo/generate|embedding; vllm: Hugging "
                             "Face files for model_repo/vllm (causal LMs), gated through vLLM itself")
-    build.add_argument("--variant", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
-                       help="weights: fp32/fp16/int8 for onnxruntime, fp32/bf16/fp16 for vllm")
+    build.add_argument("--variant", choices=("fp32", "fp16", "bf16", "int8", "w8", "w4"),
+                       default="fp32",
+                       help="weights: fp32/fp16/int8 (dynamic)/w8/w4 (weight-only MatMulNBits, "
+                            "scheme from the source's compress lineage) for onnxruntime, "
+                            "fp32/bf16/fp16 for vllm")
     build.add_argument("--version", type=_positive, help="version number (default: next)")
     build.add_argument("--max-batch-size", type=_positive, default=32)
     build.add_argument("--instances", type=_positive, default=1, help="model instances (CPU)")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmserve.compress import lineage
 from llmserve.testbed.triton import engine_env
 
 from . import gate as gates
@@ -123,6 +124,8 @@ def build_vllm(req: BuildRequest) -> BuildResult:
             del served
             tokenizer.save_pretrained(staged)
             shutil.copyfile(model_code, staged / "model.py")
+            for path in staged.iterdir():  # safetensors are written 0600; the pod's user must read them
+                path.chmod(0o644)
             engine_args = default_engine_args(config, req.variant)
             (staged / ENGINE_FILE).write_text(json.dumps(engine_args, indent=2, sort_keys=True) + "\n")
         metrics = _gate(req, model, tokenizer, staged)
@@ -137,6 +140,7 @@ def build_vllm(req: BuildRequest) -> BuildResult:
             render_vllm_config(config_template.read_text(), name, req.serving.parameters))
         manifest_sha = write_manifest(staged, {
             "model": name, "kind": "generate", "engine": "vllm", "variant": req.variant,
+            "lineage": lineage.read(source),  # compression history (llmserve compress), or None
             "source": {"path": str(source), "sha256": digest,
                        "architectures": list(config.architectures or [])},
             "accuracy": accuracy, "engine_args": engine_args, "tools": tool_versions(),

@@ -1,0 +1,152 @@
+"""`llmserve compress`: source HF directory -> methods -> gate against the original teacher ->
+new HF directory with lineage. Nothing is written when a method does not fit or the gate refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import corpus as corpora
+from . import evaluate, gate, lineage
+from .methods import METHODS, Context, MethodError, parse
+
+
+class CompressError(Exception):
+    """Printed as one line by the CLI; nothing was written."""
+
+
+@dataclass
+class CompressRequest:
+    source: Path
+    out: Path
+    methods: list[str]  # "name:key=value,..."
+    corpus: str = corpora.DEFAULT_CORPUS
+    positions: int = gate.MIN_POSITIONS + 48  # 8 windows of 256
+    teacher: Path | None = None  # where the original teacher now lives, if it moved
+
+
+def progress(message: str) -> None:
+    print(f"[compress] {message}", file=sys.stderr, flush=True)
+
+
+def _tools() -> dict:
+    versions = {}
+    for dist in ("llmserve", "torch", "transformers"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _teacher_dir(req: CompressRequest, parent: dict | None, source_digest: str) -> tuple[Path, str]:
+    from llmserve.artifacts.build import source_sha256
+
+    if parent is None:
+        return req.source, source_digest
+    recorded = parent["teacher"]
+    path = req.teacher or Path(recorded["path"])
+    if not (path / "config.json").is_file():
+        raise CompressError(f"the original teacher {recorded['path']} of {req.source} is not there; "
+                            "pass --teacher DIR where it lives now")
+    if source_sha256(path) != recorded["sha256"]:
+        raise CompressError(f"{path} is not the original teacher of {req.source} "
+                            f"(sha256 differs from the lineage's {recorded['sha256'][:16]}...)")
+    return path, recorded["sha256"]
+
+
+def _load(path: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CompressError(f"{path}: not a Hugging Face model directory: {exc}") from None
+    if not any(a.endswith("ForCausalLM") for a in config.architectures or []):
+        raise CompressError(f"{path}: {config.architectures or config.model_type} is not a causal "
+                            "LM; compression methods here are for causal LMs")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+def compress(req: CompressRequest) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmserve.artifacts.build import source_sha256
+
+    if not req.methods:
+        raise CompressError("give at least one --method")
+    if req.out.exists():
+        raise CompressError(f"{req.out} already exists; compressed models are never overwritten")
+    if not (req.source / "config.json").is_file():
+        raise CompressError(f"{req.source}: not a Hugging Face model directory (no config.json)")
+    try:
+        parsed = [parse(spec) for spec in req.methods]
+        parent = lineage.read(req.source)
+        thresholds = gate.family_of(lineage.method_names(parent) + [n for n, _ in parsed])
+    except (MethodError, lineage.LineageError, ValueError) as exc:
+        raise CompressError(str(exc)) from None
+    progress(f"gate family {thresholds.family}: mean_kl <= {thresholds.max_mean_kl}, "
+             f"ppl_increase <= {thresholds.max_ppl_increase}, "
+             f"confident_agreement >= {thresholds.min_confident_agreement}")
+    digest = source_sha256(req.source)
+    teacher_dir, teacher_digest = _teacher_dir(req, parent, digest)
+    torch.manual_seed(0)
+    teacher = _load(teacher_dir)
+    model = copy.deepcopy(teacher) if teacher_dir == req.source else _load(req.source)
+    tokenizer = AutoTokenizer.from_pretrained(req.source)
+    try:
+        train_text, _ = corpora.split(req.corpus)
+    except ValueError as exc:
+        raise CompressError(str(exc)) from None
+    ctx = Context(teacher=teacher, tokenizer=tokenizer, train_text=train_text, progress=progress)
+    applied = []
+    for name, params in parsed:
+        start = time.monotonic()
+        progress(f"{name} {params} ...")
+        try:
+            model = METHODS[name].run(model, params, ctx)
+        except MethodError as exc:
+            raise CompressError(str(exc)) from None
+        progress(f"{name} done ({time.monotonic() - start:.1f}s)")
+        applied.append({"name": name, "params": params})
+
+    windows = evaluate.held_out_windows(tokenizer, req.corpus, req.positions)
+    start = time.monotonic()
+    metrics = evaluate.compare(evaluate.torch_logits(teacher), evaluate.torch_logits(model),
+                               windows, progress)
+    record = gate.verdict(metrics, thresholds)
+    progress(f"gate ({time.monotonic() - start:.1f}s): " +
+             ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in metrics.items()))
+    if not record["passed"]:
+        raise CompressError(f"gate ({thresholds.family}) refused the compressed model: "
+                            f"{'; '.join(record['failures'])}; nothing was written")
+
+    result = lineage.extend(parent, {"path": str(req.source.resolve()), "sha256": digest},
+                            applied)
+    result["teacher"] = {"path": str(teacher_dir.resolve()), "sha256": teacher_digest}
+    result |= {"gate": record | {"corpus": req.corpus}, "tools": _tools(),
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    req.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{req.out.name}-", dir=req.out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / lineage.LINEAGE_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        tmp.rename(req.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"wrote {req.out} ({lineage.summary(result)})")
+    return result
