@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+from ..artifacts.manifest import WORKER_ENGINE_ARGS  # written by the puller next to config.pbtxt
 from .render import (
     MODELS_DIR, RESTRICTED_CONTAINER, Images, _metadata, _nonempty, pod_spec,
 )
@@ -32,7 +33,6 @@ EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
 LABEL_ROLE = "llmserve.io/role"
 LEADER, WORKER = "leader", "worker"
 REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
-ENGINE_ARGS_FILE = "engine-args.yaml"  # written by `llmserve pull` next to config.pbtxt
 
 
 def version_dir(spec: Spec) -> str:
@@ -44,8 +44,7 @@ def worker_command(spec: Spec) -> list[str]:
     """vLLM's own multi-node worker: the leader's engine arguments (the file the puller wrote
     from the artifact's engine.json and the spec's settings), its node rank, the leader's
     rendezvous, no API server."""
-    directory = version_dir(spec)
-    return ["vllm", "serve", directory, "--config", f"{directory}/{ENGINE_ARGS_FILE}",
+    return ["vllm", "serve", version_dir(spec), "--config", f"{MODELS_DIR}/{spec.model}/{WORKER_ENGINE_ARGS}",
             *spec.parallelism.worker_flags()]
 
 

@@ -145,6 +145,10 @@ def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
 ENGINE_MARKERS = {"engine.json": "vllm", "artifact.json": "onnxruntime"}
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_MODEL")
 ENGINE_ARGS_PARAMETER = "engine_args"
+# vLLM's engine arguments as the model will use them, for the workers of a multi-node replica
+# (`vllm serve --config`, which takes only .yaml; JSON is YAML). Next to the model's config.pbtxt.
+WORKER_ENGINE_ARGS = "engine-args.yaml"
+VLLM_ENGINE_FILE = "engine.json"
 _INSTANCE_GROUP = re.compile(r"instance_group\s*\[\s*\{[^{}\[\]]*\}\s*\]")
 _ENGINE_ARGS = re.compile(
     r'parameters\s*:?\s*\{\s*key:\s*"' + ENGINE_ARGS_PARAMETER + r'"\s*value\s*:?\s*\{\s*'
@@ -173,6 +177,18 @@ class Serving:
             config = _ENGINE_ARGS.sub("", config).rstrip("\n") + (
                 f'\nparameters {{ key: "{ENGINE_ARGS_PARAMETER}" value {{ string_value: "{text}" }} }}\n')
         return config
+
+    def worker_engine_args(self, version_dir: Path) -> str | None:
+        """The engine arguments model_repo/vllm merges (the version's engine.json, then
+        `engine_args`), minus the model path, which a worker names on its command line. None for
+        versions of other engines."""
+        defaults = version_dir / VLLM_ENGINE_FILE
+        if not defaults.is_file():
+            return None
+        merged = {**json.loads(defaults.read_text()), **self.engine_args}
+        for key in ("model", "tokenizer"):
+            merged.pop(key, None)
+        return json.dumps(merged, sort_keys=True, indent=1) + "\n"
 
     def check_engine(self, src: Path, manifest: Manifest) -> None:
         built = {engine for marker, engine in ENGINE_MARKERS.items() if marker in manifest.files}
@@ -203,9 +219,11 @@ def pull(source_repo: Path, model: str, version: int, dest_repo: Path,
     installed = final / str(version)
     if installed.is_dir():
         try:
+            worker_args = serving.worker_engine_args(installed)
             if verify_version(installed, manifest.sha256) and (final / VERSION_CONFIG).is_file() and (
                 (final / VERSION_CONFIG).read_text() == serving.configure((installed / VERSION_CONFIG).read_text())
-            ):
+            ) and (worker_args is None or (final / WORKER_ENGINE_ARGS).is_file()
+                   and (final / WORKER_ENGINE_ARGS).read_text() == worker_args):
                 return manifest
         except ManifestError:
             pass  # a stale or damaged copy: replaced below
@@ -227,6 +245,8 @@ def pull(source_repo: Path, model: str, version: int, dest_repo: Path,
             raise ManifestError(f"{src}: " + "; ".join(problems))
         shutil.copyfile(src / MANIFEST, target / MANIFEST)
         (staging / model / VERSION_CONFIG).write_text(serving.configure((target / VERSION_CONFIG).read_text()))
+        if (worker_args := serving.worker_engine_args(target)) is not None:
+            (staging / model / WORKER_ENGINE_ARGS).write_text(worker_args)
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging / model, final)

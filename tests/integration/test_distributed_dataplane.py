@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmserve.artifacts.manifest import WORKER_ENGINE_ARGS
 from llmserve.operator import lws
 from llmserve.operator.parallelism import MASTER_PORT
 from llmserve.operator.render import puller_command
@@ -92,11 +93,11 @@ def test_two_node_tensor_parallel_group_matches_one_process(model_dir: Path, tmp
     # The worker pod's container command, pointed at this machine's copy of the model.
     copy = tmp_path / "version"
     copy.symlink_to(model_dir)
-    (tmp_path / lws.ENGINE_ARGS_FILE).write_text(yaml.safe_dump(SETTINGS))
+    (tmp_path / WORKER_ENGINE_ARGS).write_text(yaml.safe_dump(SETTINGS))
     rendered = lws.worker_command(spec)
     assert rendered[:2] == ["vllm", "serve"]
     worker_argv = VLLM_CLI + [
-        arg.replace(f"{lws.version_dir(spec)}/{lws.ENGINE_ARGS_FILE}", str(tmp_path / lws.ENGINE_ARGS_FILE))
+        arg.replace(f"/models/tiny/{WORKER_ENGINE_ARGS}", str(tmp_path / WORKER_ENGINE_ARGS))
            .replace(lws.version_dir(spec), str(copy)).replace(str(MASTER_PORT), str(port))
         for arg in kubelet_expand(rendered[1:], {**pod_env, "LWS_WORKER_INDEX": "1"})]
     assert "$(" not in " ".join(worker_argv)

@@ -135,6 +135,27 @@ def test_pull_configures_the_installed_copy_for_this_pod(tmp_path):
     assert config.count("engine_args") == 1 and "max_num_seqs" in config and "KIND_CPU" in config
 
 
+def test_pull_writes_the_merged_engine_args_a_multi_node_worker_reads(tmp_path):
+    """A vLLM version gets engine-args.yaml beside config.pbtxt: engine.json with the pod's
+    engine args over it (what model_repo/vllm merges), so `vllm serve --config` on a worker node
+    runs the leader's engine settings (docs/distributed.md)."""
+    repo = tmp_path / "repo"
+    staged, _ = _stage(repo)
+    (staged / "engine.json").write_text(json.dumps({"dtype": "bfloat16", "max_model_len": 2048}))
+    sha = write_manifest(staged, {"model": "m"})
+    publish(staged, repo, "m")
+    dest = tmp_path / "dest"
+    pull(repo, "m", 1, dest, sha, Serving(engine="vllm", engine_args={"max_model_len": 512, "nnodes": 2}))
+    assert json.loads((dest / "m" / "engine-args.yaml").read_text()) == {
+        "dtype": "bfloat16", "max_model_len": 512, "nnodes": 2}
+    # Other settings on a re-run rewrite it; ONNX versions get none.
+    pull(repo, "m", 1, dest, sha, Serving(engine="vllm", engine_args={"max_model_len": 256}))
+    assert json.loads((dest / "m" / "engine-args.yaml").read_text())["max_model_len"] == 256
+    onnx_repo, _, onnx_sha = _published(tmp_path / "onnx")
+    pull(onnx_repo, "m", 1, tmp_path / "onnx-dest", onnx_sha)
+    assert not (tmp_path / "onnx-dest" / "m" / "engine-args.yaml").exists()
+
+
 def test_serving_configure_keeps_the_instance_count_and_replaces_engine_args():
     config = ('name: "v"\ninstance_group [{ kind: KIND_CPU, count: 3 }]\n'
               'parameters { key: "engine_args" value { string_value: "{\\"dtype\\": \\"auto\\"}" } }\n'

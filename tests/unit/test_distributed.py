@@ -125,7 +125,7 @@ def test_leader_and_workers_come_from_the_same_revision():
     [engine] = worker["spec"]["containers"]
     assert engine["name"] == "vllm-worker" and engine["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert engine["image"] == leader["spec"]["containers"][0]["image"]
-    assert engine["command"][:5] == ["vllm", "serve", "/models/big/3", "--config", "/models/big/3/engine-args.yaml"]
+    assert engine["command"][:5] == ["vllm", "serve", "/models/big/3", "--config", "/models/big/engine-args.yaml"]
     assert "--headless" in engine["command"]
     assert engine["securityContext"]["readOnlyRootFilesystem"] is True
 
