@@ -17,6 +17,8 @@ VARIANTS = {
                        "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops"],
     "autoscaling": ["--set", "prometheusAdapter.rules.create=true", "--set", "prometheusAdapter.rules.namespace=monitoring",
                     "--set", "prometheus.url=http://prometheus-operated.monitoring.svc:9090"],
+    "prometheus-allowlist": ["--set", "prometheus.url=http://prometheus-operated.monitoring.svc:9090",
+                             "--set", "prometheus.allowedUrls={https://thanos.team-a.svc:10902,http://127.0.0.1}"],
 }
 
 
@@ -91,3 +93,26 @@ def test_prometheus_adapter_rules_and_prometheus_url_are_opt_in():
     assert rules == (CHART_DIR / "files" / "prometheus-adapter.yaml").read_text()
     [container] = objs["Deployment", "ops", "llmserve"]["spec"]["template"]["spec"]["containers"]
     assert {"name": "LLMSERVE_PROMETHEUS_URL", "value": "http://prometheus-operated.monitoring.svc:9090"} in container["env"]
+
+
+def test_the_per_service_prometheus_rule_and_the_operator_flags_come_from_the_same_values():
+    """The CRD refuses every Prometheus URL but the operator's and the allowlisted origins, and the
+    operator is told the same allowlist (it re-checks stored objects)."""
+    objs = render(*VARIANTS["prometheus-allowlist"])
+    crd = objs["CustomResourceDefinition", None, "llmservices.llmserve.io"]
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    [rule] = spec["rollout"]["properties"]["analysis"]["properties"]["prometheus"]["properties"]["url"][
+        "x-kubernetes-validations"]
+    assert rule["rule"] == (
+        "isURL(self) && !self.matches('^[^/]*//[^/]*@') && ("
+        "(url(self).getScheme() == 'http' && url(self).getHost() == 'prometheus-operated.monitoring.svc:9090') || "
+        "(url(self).getScheme() == 'https' && url(self).getHost() == 'thanos.team-a.svc:10902') || "
+        "(url(self).getScheme() == 'http' && url(self).getHostname() == '127.0.0.1'))")
+    assert "http://127.0.0.1:<any port>" in rule["message"]
+    [container] = objs["Deployment", "ops", "llmserve"]["spec"]["template"]["spec"]["containers"]
+    assert [a for a in container["args"] if a.startswith("--prometheus-allowed-url")] == [
+        "--prometheus-allowed-url=https://thanos.team-a.svc:10902", "--prometheus-allowed-url=http://127.0.0.1"]
+    default_rule = render()["CustomResourceDefinition", None, "llmservices.llmserve.io"]["spec"]["versions"][0][
+        "schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rollout"]["properties"]["analysis"][
+        "properties"]["prometheus"]["properties"]["url"]["x-kubernetes-validations"][0]
+    assert default_rule["rule"].endswith("&& (false)")  # no Prometheus configured: none may be named

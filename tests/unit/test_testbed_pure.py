@@ -48,3 +48,19 @@ def test_node_manifest_advertises_gpus_and_is_managed_by_kwok():
     assert node["metadata"]["annotations"]["kwok.x-k8s.io/node"] == "fake"
     assert node["metadata"]["labels"]["nvidia.com/gpu.product"]
     assert node["spec"]["taints"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_the_model_repository_is_an_administrators_volume_reserved_for_one_claim():
+    from pathlib import Path
+
+    from llmserve.testbed.storage import claim_manifest, volume_manifest
+
+    volume, claim = volume_manifest(Path("/srv/model_repo"), "team-a", "models"), claim_manifest("team-a", "models")
+    assert volume["metadata"]["name"] == claim["spec"]["volumeName"] == "models-team-a"
+    assert volume["spec"]["claimRef"] == {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                          "namespace": "team-a", "name": "models"}
+    assert volume["spec"]["hostPath"] == {"path": "/srv/model_repo", "type": "Directory"}
+    assert volume["spec"]["accessModes"] == claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    # No storage class on either side: no provisioner may take the claim instead.
+    assert volume["spec"]["storageClassName"] == claim["spec"]["storageClassName"] == ""
+    assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain"  # never delete the models
