@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 
 from . import analysis, autoscaling, rollout, traffic
 from . import apply as applier
+from . import lws
 from . import status as st
 from .kube import ApiError, KubeClient, now_rfc3339, object_path
 from .render import Images, Tracks, desired_children
@@ -279,6 +280,11 @@ async def reconcile(parent: dict, children: Children, client: KubeClient, images
             reason = "ChildConflict" if outcome.action == applier.CONFLICT else "ApplyFailed"
             if desired is decision.scaler and outcome.action == applier.INVALID:
                 reason, outcome.message = "AutoscalerRejected", autoscaling.rejection(spec, outcome.message)
+            elif desired["kind"] == lws.KIND and outcome.message.startswith(f"{lws.KIND} ") and " 404 " in outcome.message:
+                reason, outcome.message = "LeaderWorkerSetMissing", (
+                    f"spec.runtime.parallelism.nodes > 1 needs the LeaderWorkerSet API, which this cluster does "
+                    f"not serve: install the LeaderWorkerSet controller, then restart the operator "
+                    f"(docs/distributed.md#installing) ({outcome.message})")
             problems.append(st.Problem(reason, outcome.message))
             continue
         current[(desired["kind"], desired["metadata"]["name"])] = outcome.obj

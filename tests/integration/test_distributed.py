@@ -5,6 +5,8 @@ on its own KWOK GPU node, and the status counts whole groups."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fixtures.operator import get_json, wait_for
@@ -38,6 +40,20 @@ def condition(obj, type_):
 def ready(testbed, namespace, name):
     obj = get_json(testbed, "llms", name, "-n", namespace)
     return obj if condition(obj, "Ready").get("status") == "True" else None
+
+
+@pytest.mark.parametrize("runtime,message", [
+    ({"gpus": 4, "parallelism": {"nodes": 2, "tensor": 4}}, "parallelism does not match the GPUs"),
+    ({"gpus": 3, "parallelism": {"pipeline": 2}}, "parallelism.pipeline must divide the GPUs of a replica"),
+    ({"gpus": 0, "parallelism": {"nodes": 2}}, "with gpus 0 (one CPU pod) tensor, pipeline and nodes must be 1"),
+    ({"gpus": 2, "engine": "onnxruntime", "parallelism": {"tensor": 2}}, "need engine vllm"),
+    ({"gpus": 2, "parallelism": {"topologyKey": "zone"}}, "topologyKey places the pods of a multi-node replica"),
+])
+def test_the_api_server_refuses_parallelism_that_does_not_add_up(testbed, llmserve_chart, runtime, message):
+    obj = llmservice("bad", "default", gpus=1, nodes=1)  # a server-side dry run: nothing is stored
+    obj["spec"]["runtime"] = runtime
+    result = testbed.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
 def test_two_nodes_by_four_gpus_become_one_ready_replica(testbed, lws_controller, namespace):
