@@ -52,7 +52,7 @@ def module_dir() -> Path:
     return path
 
 
-def _replace_ops(document: dict, patch: list[dict]) -> dict:
+def apply_replace_patches(document: dict, patch: list[dict]) -> dict:
     """Apply the `op: replace` JSON patches of the release's webhook kustomization."""
     out = copy.deepcopy(document)
     for op in patch:
@@ -75,7 +75,7 @@ def webhook_configurations(config: Path, port: int, ca_bundle: bytes) -> list[di
     names = {"MutatingWebhookConfiguration": MUTATING, "ValidatingWebhookConfiguration": VALIDATING}
     out = []
     for doc in docs:
-        doc = _replace_ops(doc, yaml.safe_load((config / "webhook" / patches[doc["kind"]]).read_text()))
+        doc = apply_replace_patches(doc, yaml.safe_load((config / "webhook" / patches[doc["kind"]]).read_text()))
         doc["metadata"] = {"name": names[doc["kind"]]}
         for hook in doc["webhooks"]:
             path = hook["clientConfig"]["service"]["path"]
