@@ -430,11 +430,8 @@ INVALID = [
      ["spec.rollout.analysis.prometheus.url", "the operator fetches no other URL"]),
     # Engines (issue 10): settings that cannot work are refused with what to change.
     ("engine-unknown", ("spec", "runtime"), {"engine": "tensorrt"}, ["spec.runtime.engine", "Unsupported value"]),
-    ("tensor-parallel-beyond-gpus", ("spec", "runtime"), {"gpus": 2, "engineSettings": {"tensorParallelSize": 4}},
-     ["spec.runtime.engineSettings.tensorParallelSize", "tensorParallelSize 4 does not fit in the pod",
-      "spec.runtime.gpus is 2"]),
-    ("tensor-parallel-on-cpu", ("spec", "runtime"), {"gpus": 0, "engineSettings": {"tensorParallelSize": 2}},
-     ["spec.runtime.engineSettings.tensorParallelSize", "without GPUs it must be 1"]),
+    ("tensor-parallel-beyond-gpus", ("spec", "runtime"), {"gpus": 2, "parallelism": {"tensor": 4}},
+     ["spec.runtime.parallelism", "parallelism does not match the GPUs"]),
     ("vllm-setting-on-onnxruntime", ("spec", "runtime"), {"engine": "onnxruntime",
                                                           "engineSettings": {"prefixCaching": True}},
      ["spec.runtime.engineSettings", "engine onnxruntime takes only", "are vLLM settings"]),
@@ -477,10 +474,9 @@ def test_the_base_of_the_invalid_cases_is_valid(testbed, llmserve_chart):
 
 @pytest.mark.parametrize("runtime", [
     {"gpus": 4, "engine": "vllm", "image": "nvcr.io/nvidia/tritonserver:25.08-vllm-python-py3",
-     "engineSettings": {"tensorParallelSize": 4, "maxModelLength": 8192, "gpuMemoryUtilization": 0.85,
-                        "maxConcurrentSequences": 128, "prefixCaching": True, "dtype": "bfloat16",
-                        "quantization": "fp8"}},
-    {"gpus": 0, "engineSettings": {"tensorParallelSize": 1, "gpuMemoryUtilization": 0.1}},
+     "engineSettings": {"maxModelLength": 8192, "gpuMemoryUtilization": 0.85, "maxConcurrentSequences": 128,
+                        "prefixCaching": True, "dtype": "bfloat16", "quantization": "fp8"}},
+    {"gpus": 0, "engineSettings": {"gpuMemoryUtilization": 0.1}},
     {"gpus": 1, "engine": "onnxruntime", "engineSettings": {"maxModelLength": 2048, "maxConcurrentSequences": 8}},
     {"engine": "onnxruntime", "image": "registry.example/custom-triton:1"},
 ], ids=["vllm-4-gpus", "vllm-cpu", "onnxruntime", "custom-image"])
