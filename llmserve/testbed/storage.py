@@ -64,8 +64,7 @@ def model_repository(cluster: Cluster, namespace: str, directory: Path, claim: s
     if current.returncode == 0 and json.loads(current.stdout).get("status", {}).get("phase") == "Bound":
         return f"pvc://{claim}"
     # A volume left Released by an earlier namespace of the same name cannot bind again.
-    cluster.kubectl("delete", "pv", volume_name(namespace, claim), "--ignore-not-found", "--wait=false")
-    cluster.kubectl("wait", "--for=delete", f"pv/{volume_name(namespace, claim)}", "--timeout=60s", check=False)
+    cluster.kubectl("delete", "pv", volume_name(namespace, claim), "--ignore-not-found", "--timeout=60s")
     cluster.apply(volume_manifest(Path(directory).resolve(), namespace, claim), claim_manifest(namespace, claim))
     cluster.kubectl("wait", "--for=jsonpath={.status.phase}=Bound", f"pvc/{claim}", "-n", namespace,
                     f"--timeout={int(timeout)}s", timeout=timeout + 30)
