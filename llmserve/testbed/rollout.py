@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -26,7 +27,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..operator.render import puller_command
 from ..operator.rollout import revision_name, serving_spec
+from ..operator.spec import Spec
 from .cluster import TestBed
 from .prometheus import metric_labels
 
@@ -53,6 +56,36 @@ def revision_of(stored_spec: dict, version: int) -> str:
     API server stored it, defaults included): only the version differs between the revisions."""
     serving = serving_spec(stored_spec)
     return revision_name({**serving, "model": {**serving["model"], "version": version}})
+
+
+def pull_revision(stored: dict, serving: dict, source_repo: Path, destination: Path) -> Spec:
+    """Run the model-puller command the operator renders for `serving` (a revision of the stored
+    LLMService `stored`) here, with the pod's volumes swapped for local directories: the served
+    config.pbtxt gets that revision's instance kind and engine settings exactly as in a pod."""
+    spec = Spec.from_object(stored, serving)
+    argv = puller_command(spec)
+    argv[argv.index("--source") + 1] = str(source_repo)
+    argv[argv.index("--dest") + 1] = str(destination)
+    result = subprocess.run([sys.executable, "-m", "llmserve", *argv[1:]], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr}")
+    return spec
+
+
+def generate_request(text: str = "Tell me a short story about the sea and a lighthouse.", max_tokens: int = 4):
+    """`request(server) -> urllib Request` for TrackRouter: one generation through Triton's generate
+    endpoint (the decoupled generate model answers with one response when not streaming)."""
+    body = json.dumps({"text_input": text, "max_tokens": max_tokens}).encode()
+
+    def request(server, model: str) -> urllib.request.Request:
+        return urllib.request.Request(f"{server.http_url}/v2/models/{model}/generate", data=body,
+                                      headers={"Content-Type": "application/json"})
+    return request
+
+
+def probe_request(server, model: str) -> urllib.request.Request:
+    return urllib.request.Request(f"{server.http_url}/v2/models/{model}/infer", data=INFER_BODY,
+                                  headers={"Content-Type": "application/json"})
 
 
 def scrape_target(server, namespace: str, service: str, version: int, revision: str) -> dict:
@@ -82,8 +115,9 @@ class TrackRouter:
     proportions its status publishes, using `servers` (revision -> TritonServer)."""
 
     def __init__(self, bed: TestBed, namespace: str, name: str, servers: dict, *, rate: float = 20.0,
-                 clients: int = 8, max_surge: int = 1):
+                 clients: int = 8, max_surge: int = 1, model: str = MODEL, request=probe_request):
         self.bed, self.namespace, self.name, self.servers = bed, namespace, name, servers
+        self.model, self.request = model, request
         self.interval, self.clients, self.max_surge = clients / rate, clients, max_surge
         self.timeline: list[Observation] = []
         self.violations: list[str] = []
@@ -166,10 +200,8 @@ class TrackRouter:
         elif server is None:
             error = f"{revision}: no tritonserver for this revision"
         else:
-            request = urllib.request.Request(f"{server.http_url}/v2/models/{MODEL}/infer", data=INFER_BODY,
-                                             headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=30) as response:
+                with urllib.request.urlopen(self.request(server, self.model), timeout=30) as response:
                     response.read()
                 error = ""
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:

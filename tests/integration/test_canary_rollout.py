@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from fixtures.operator import get_json, wait_for
-from llmserve.operator.rollout import ACTION_ANNOTATION
-from llmserve.testbed.rollout import MODEL, TrackRouter, revision_of
+from llmserve.operator.rollout import ACTION_ANNOTATION, serving_spec
+from llmserve.testbed.rollout import MODEL, TrackRouter, generate_request, revision_of
 
 pytestmark = pytest.mark.cluster
 
@@ -21,10 +21,10 @@ INTERVAL, FAILURE_LIMIT = "4s", 2
 REPOSITORY = "pvc://models"  # the namespace fixture's claim (the pods are simulated: nothing reads it)
 
 
-def manifest(name, namespace, replicas, rollout, runtime=None):
+def manifest(name, namespace, replicas, rollout, runtime=None, model=MODEL):
     return {"apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
             "metadata": {"name": name, "namespace": namespace},
-            "spec": {"model": {"name": MODEL, "repository": REPOSITORY, "version": 1}, "replicas": replicas,
+            "spec": {"model": {"name": model, "repository": REPOSITORY, "version": 1}, "replicas": replicas,
                      "runtime": {"gpus": 1, "startupTimeout": "1m", **(runtime or {})}, "rollout": rollout}}
 
 
@@ -35,9 +35,9 @@ def analysis(**overrides):
             "minRequests": 5, **overrides}
 
 
-def create(testbed, namespace, name, replicas, rollout, runtime=None):
+def create(testbed, namespace, name, replicas, rollout, runtime=None, model=MODEL):
     """Apply version 1 and return the LLMService as stored (with the CRD's defaults) once Ready."""
-    testbed.apply(manifest(name, namespace, replicas, rollout, runtime))
+    testbed.apply(manifest(name, namespace, replicas, rollout, runtime, model))
     testbed.kubectl("wait", "--for=condition=Ready", f"llms/{name}", "-n", namespace, "--timeout=120s", timeout=150)
     return get_json(testbed, "llms", name, "-n", namespace)
 
@@ -267,3 +267,60 @@ def test_gateway_route_weights_follow_the_canary(testbed, operator, namespace, g
     testbed.kubectl("patch", "llms/chat", "-n", namespace, "--type=json", "-p",
                     '[{"op": "remove", "path": "/spec/rollout/traffic"}]')
     wait_for(lambda: get_json(testbed, "httproute", "chat", "-n", namespace) is None, "the route to be removed")
+
+
+@pytest.mark.triton
+@pytest.mark.prometheus
+@pytest.mark.parametrize("settings, promoted", [
+    pytest.param({"maxConcurrentSequences": 4}, True, id="good"),
+    pytest.param({"maxModelLength": 16}, False, id="refuses-every-prompt"),
+])
+def test_engine_canary_is_judged_on_the_engines_own_metrics(
+        testbed, operator, namespace, engine_revisions_dataplane, tiny_lm_artifact, settings, promoted):
+    """Issue 10: the decoupled ONNX generate model on the real engine. A change of engine settings is
+    a new revision; each revision's tritonserver gets its settings through the pod's own puller
+    command. The analysis reads only what the engine publishes (error counters, the latency and
+    time-to-first-token histograms: Triton's statistics have no time to first token), so a canary
+    whose generations all fail is rolled back at once and a good one is promoted with no failed
+    request."""
+    built = tiny_lm_artifact
+    rollout = {"steps": [{"weight": 50, "pause": "2s"}],
+               "analysis": analysis(maxP99Latency="10s", maxP99TimeToFirstToken="10s")}
+    stored = create(testbed, namespace, "chat", 2, rollout, {"engine": "onnxruntime"}, model=built.name)
+    stable = serving_spec(stored["spec"])
+    canary = {**stable, "runtime": {**stable["runtime"], "engineSettings": settings}}
+    servers, prometheus = engine_revisions_dataplane(namespace, stored, [stable, canary], built.repo)
+    v1, v2 = list(servers)
+
+    with TrackRouter(testbed, namespace, "chat", servers, model=built.name, request=generate_request(),
+                     rate=10, clients=4) as router:
+        router.wait_for(lambda s: s["stable"]["readyReplicas"] == 2, "stable to serve")
+        patch = {"spec": {"runtime": {"engineSettings": settings},
+                          "rollout": {"analysis": {"prometheus": {"url": prometheus.url}}}}}
+        testbed.kubectl("patch", "llms/chat", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+        if promoted:
+            done = router.wait_for(lambda s: phase(s) == "Complete" and s["stable"]["revision"] == v2,
+                                   "the new engine settings to be promoted", timeout=300)
+        else:
+            done = router.wait_for(lambda s: phase(s) == "Aborted", "the new engine settings to be rolled back")
+
+    tally = router.tally
+    assert not router.violations
+    assert tally.failed[v1] == 0, tally.errors
+    checks = [o.status["rollout"]["lastCheck"] for o in router.timeline
+              if (o.status.get("rollout") or {}).get("lastCheck")]
+    if promoted:
+        assert sum(tally.failed.values()) == 0, tally.errors
+        assert tally.ok[v2] > 0
+        passed = [c for c in checks if c["result"] == "Pass"]
+        assert passed and "Fail" not in {c["result"] for c in checks}
+        # Only the engine's histograms carry a time to first token: the check read them.
+        assert passed[-1]["canary"]["p99TimeToFirstTokenMs"] > 0
+        assert [(h["revision"], h["outcome"]) for h in done["history"]] == [(v1, "Promoted"), (v2, "Promoted")]
+    else:
+        state = done["rollout"]
+        assert state["reason"] == "AnalysisFailed" and "every canary request failed" in state["message"]
+        assert state["failedChecks"] == 1  # fail fast
+        assert tally.failed[v2] > 0  # the clients saw what the engine counted
+        assert condition(done, "Degraded")["reason"] == "RolloutAborted"
+        assert (done["history"][-1]["revision"], done["history"][-1]["outcome"]) == (v2, "Aborted")
