@@ -24,6 +24,11 @@ fi
 echo "[setup] installing llmserve[$EXTRAS] into $VENV (first time downloads torch, ~5 GB)" >&2
 "$VENV/bin/pip" install -q --progress-bar off -e ".[$EXTRAS]"
 "$VENV/bin/llmserve" testbed build
+# The ONNX Runtime engine environment the test bed's Triton runs model_repo/generate and embedding in:
+# their requirements.txt, the lists model_repo/Dockerfile installs into the runtime image (onnxruntime's
+# CPU build for onnxruntime-gpu), so a package missing from the image fails a test here.
+echo "[setup] ONNX Runtime engine environment (llmserve testbed engine-env onnxruntime)" >&2
+"$VENV/bin/llmserve" testbed engine-env onnxruntime
 # The vLLM engine environment the test bed's Triton runs model_repo/vllm in (python of the venv, so
 # it matches the python-backend stub): model_repo/vllm/requirements.txt with vLLM's CPU build.
 # Skipped in seconds when current; the first time downloads torch and vLLM's dependencies (~10 GB).
