@@ -9,6 +9,7 @@ blocks run along the input dimension, as in `methods.fake_quantize`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import onnx
@@ -72,7 +73,13 @@ def quantize(src: Path, out: Path, spec: dict, vocab_size: int) -> dict:
     quantizer = MatMulNBitsQuantizer(model, bits=spec["bits"], block_size=spec["block_size"],
                                      is_symmetric=spec["symmetric"], nodes_to_exclude=excluded,
                                      op_types_to_quantize=("MatMul",), algo_config=config)
-    quantizer.process()
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # one INFO line per MatMul otherwise
+    try:
+        quantizer.process()
+    finally:
+        logger.setLevel(level)
     quantized = quantizer.model.model
     count = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
     if not count:

@@ -1,0 +1,130 @@
+"""Compression methods on a tiny random Llama (CPU, seconds), method parameters, lineage and the
+ONNX weight-only scheme."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llmserve.compress import lineage, onnx_quant
+from llmserve.compress.methods import (
+    METHODS,
+    Context,
+    MethodError,
+    distill_loss,
+    fake_quantize,
+    parse,
+)
+
+
+class _ByteTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [b % 64 for b in text.encode()]}
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def ctx(model):
+    return Context(teacher=model, tokenizer=_ByteTokenizer(), train_text="some calibration text " * 200,
+                   progress=lambda _msg: None)
+
+
+def test_symmetric_int8_error_is_within_half_a_step():
+    w = torch.randn(8, 64)
+    q = fake_quantize(w, bits=8, block_size=32, symmetric=True)
+    step = w.reshape(8, 2, 32).abs().amax(-1) / 127
+    assert ((q - w).reshape(8, 2, 32).abs() <= step[..., None] / 2 + 1e-6).all()
+
+
+def test_asymmetric_int4_uses_at_most_16_levels_per_block():
+    w = torch.randn(4, 32)
+    q = fake_quantize(w, bits=4, block_size=32, symmetric=False)
+    assert all(len(torch.unique(row)) <= 16 for row in q)
+    assert torch.allclose(fake_quantize(q, 4, 32, False), q, atol=1e-6)  # on the grid: unchanged
+
+
+def test_block_size_must_divide_the_input():
+    with pytest.raises(MethodError, match="not a multiple of block_size"):
+        fake_quantize(torch.randn(4, 48), 8, 32, True)
+
+
+def test_parse_applies_defaults_and_types():
+    name, params = parse("distill:steps=5,alpha=0.3")
+    assert name == "distill" and params["steps"] == 5 and params["alpha"] == 0.3
+    assert params["temperature"] == METHODS["distill"].defaults["temperature"]
+    assert parse("quantize-int8:symmetric=false")[1]["symmetric"] is False
+    with pytest.raises(MethodError, match="unknown method 'zip'"):
+        parse("zip")
+    with pytest.raises(MethodError, match="unknown parameter 'bits=3'.*block_size=32"):
+        parse("quantize-int4:bits=3")
+    with pytest.raises(MethodError, match="steps='many' is not a int"):
+        parse("distill:steps=many")
+
+
+def test_two_of_four_zeroes_half_of_every_group(model, ctx):
+    METHODS["prune-2of4"].run(model, {"score": "magnitude"}, ctx)
+    w = model.model.layers[0].mlp.down_proj.weight.reshape(-1, 4)
+    assert ((w == 0).sum(-1) >= 2).all()
+    assert model.lm_head.weight.ne(0).all()  # the head is not pruned
+
+
+def test_drop_layers_makes_a_smaller_model_that_runs(model, ctx):
+    smaller = METHODS["drop-layers"].run(model, {"count": 0, "layers": "1"}, ctx)
+    assert smaller.config.num_hidden_layers == 2 and len(smaller.model.layers) == 2
+    assert torch.equal(smaller.model.layers[1].mlp.up_proj.weight, model.model.layers[2].mlp.up_proj.weight)
+    assert smaller(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+    with pytest.raises(MethodError, match="count must be between 1 and 2"):
+        METHODS["drop-layers"].run(model, {"count": 3, "layers": ""}, ctx)
+    with pytest.raises(MethodError, match="layers 0..2"):
+        METHODS["drop-layers"].run(model, {"count": 1, "layers": "7"}, ctx)
+
+
+def test_narrow_mlp_keeps_the_chosen_width(model, ctx):
+    narrow = METHODS["narrow-mlp"].run(model, {"keep": 0.5, "multiple": 16}, ctx)
+    assert narrow.config.intermediate_size == 32
+    assert narrow.model.layers[0].mlp.down_proj.weight.shape == (32, 32)
+    assert narrow(input_ids=torch.tensor([[1, 2]])).logits.shape == (1, 2, 64)
+
+
+def test_a_model_without_llama_layers_is_refused(ctx):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    with pytest.raises(MethodError, match="not a Llama-style decoder"):
+        METHODS["prune-2of4"].run(gpt2, {"score": "magnitude"}, ctx)
+
+
+def test_distill_loss_is_cross_entropy_when_alpha_is_zero_and_zero_kl_on_itself():
+    logits = torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1))
+    assert torch.allclose(distill_loss(logits, logits, targets, 2.0, 0.0), ce)
+    assert distill_loss(logits, logits, targets, 2.0, 1.0).abs() < 1e-5
+
+
+def test_lineage_chain_keeps_the_first_teacher():
+    first = lineage.extend(None, {"path": "/t", "sha256": "a" * 64},
+                           [{"name": "drop-layers", "params": {"count": 2}}])
+    second = lineage.extend(first, {"path": "/s", "sha256": "b" * 64},
+                            [{"name": "distill", "params": {"steps": 9}}])
+    assert second["teacher"] == {"path": "/t", "sha256": "a" * 64}
+    assert lineage.method_names(second) == ["drop-layers", "distill"]
+    assert lineage.summary(second) == "teacher aaaaaaaaaaaa: drop-layers(count=2) -> distill(steps=9)"
+
+
+def test_onnx_scheme_follows_the_lineage():
+    compressed = {"methods": [{"name": "quantize-int4", "params": {"block_size": 64, "symmetric": True,
+                                                                   "keep": "lm_head+down_proj"}}]}
+    assert onnx_quant.scheme("w4", compressed) == {"bits": 4, "block_size": 64, "symmetric": True,
+                                                   "keep": "lm_head+down_proj"}
+    assert onnx_quant.scheme("w8", None) == {"bits": 8, **onnx_quant.DEFAULTS[8]}
+    with pytest.raises(onnx_quant.QuantizeError, match="compressed with quantize-int4"):
+        onnx_quant.scheme("w8", compressed)
