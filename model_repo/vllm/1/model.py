@@ -411,15 +411,20 @@ class EngineMetrics:
     def __init__(self, model, version):
         self.labels = {"model": model, "version": str(version)}
         family = pb_utils.MetricFamily
+        self.families = []  # a family must outlive its metrics
+
+        def metric(name, text, kind, **buckets):
+            self.families.append(family(name, text, kind))
+            return self.families[-1].Metric(labels=self.labels, **buckets)
 
         def gauge(name, text):
-            return family(name, text, family.GAUGE).Metric(labels=self.labels)
+            return metric(name, text, family.GAUGE)
 
         def counter(name, text):
-            return family(name, text, family.COUNTER).Metric(labels=self.labels)
+            return metric(name, text, family.COUNTER)
 
         def histogram(name, text, buckets):
-            return family(name, text, family.HISTOGRAM).Metric(labels=self.labels, buckets=buckets)
+            return metric(name, text, family.HISTOGRAM, buckets=buckets)
 
         self.running = gauge("vllm:num_requests_running", "Requests being generated")
         self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled")
