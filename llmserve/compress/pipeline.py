@@ -21,7 +21,12 @@ from .methods import METHODS, Context, MethodError, parse
 
 
 class CompressError(Exception):
-    """Printed as one line by the CLI; nothing was written."""
+    """Printed as one line by the CLI; nothing was written. A gate refusal carries the gate's
+    record (`gate`), so a benchmark can still report what was measured."""
+
+    def __init__(self, message: str, gate: dict | None = None):
+        super().__init__(message)
+        self.gate = gate
 
 
 @dataclass
@@ -132,7 +137,7 @@ def compress(req: CompressRequest) -> dict:
                        for k, v in metrics.items()))
     if not record["passed"]:
         raise CompressError(f"gate ({thresholds.family}) refused the compressed model: "
-                            f"{'; '.join(record['failures'])}; nothing was written")
+                            f"{'; '.join(record['failures'])}; nothing was written", record)
 
     result = lineage.extend(parent, {"path": str(req.source.resolve()), "sha256": digest},
                             applied)

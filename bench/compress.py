@@ -1,0 +1,158 @@
+"""Compression methods side by side in one run (issue 12, item 6).
+
+For one source model (SmolLM2-135M-Instruct by default; `--source DIR` for another) each row
+compresses with `llmserve compress` (gate against the original teacher on held-out text of the
+Python reference), builds the ONNX artifact (`w8`/`w4` MatMulNBits for the quantized rows, fp32
+otherwise) and measures:
+- gate: mean KL, perplexity change, confident top-1 agreement (and refusals, which still report
+  their metrics but are not built);
+- size: bytes of the HF weights (safetensors, fp32) and of the ONNX artifact;
+- output tokens/s of the ONNX engine's own generation loop (the shipped model_repo/generate
+  model.py, continuous batching) at `--streams` concurrent greedy streams of `--tokens` tokens,
+  and the peak resident memory of that process (each row in a fresh child process).
+
+vLLM rows are not measured here yet (the compressed-tensors formats need llmcompressor, which
+needs its own environment: docs/compression.md).
+
+SmolLM2 here is de-quantized from a Q4_1 GGUF: its weights already sit on a 4-bit grid
+(asymmetric, blocks of 32), which flatters any 4-bit result; the table says so.
+
+Run: ~/.cache/llmserve/venv/bin/python bench/compress.py [--rows baseline,int8,...]
+Results are also written as JSON to bench/results/compress.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "compress.json"
+
+# name -> (compress methods, ONNX build variant); baseline: the source itself.
+ROWS = {
+    "baseline": ([], "fp32"),
+    "int8": (["quantize-int8"], "w8"),
+    "int4": (["quantize-int4"], "w4"),
+    "2of4": (["prune-2of4:score=wanda"], "fp32"),
+    "pruned": (["drop-layers:count={drop}"], "fp32"),
+    "pruned+distilled": (["drop-layers:count={drop}", "distill:steps={steps},batch=4,seq_len=128"], "fp32"),
+}
+
+_THROUGHPUT = r"""
+import importlib.util, json, resource, sys, time
+path, streams, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+spec = importlib.util.spec_from_file_location("shipped", f"{path}/model.py")
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+lm = mod.CausalLM(path)
+prompts = ["The capital of France is", "def add(a, b):", "Once upon a time", "Water boils at"]
+def run(n):
+    seqs = [mod.Sequence(prompt_ids=lm.encode(prompts[i % 4]), max_tokens=tokens) for i in range(n)]
+    start = time.monotonic(); lm.generate(seqs)
+    return sum(len(s.output_ids) for s in seqs), time.monotonic() - start
+run(2)  # warm-up
+made, seconds = run(streams)
+print(json.dumps({"tokens": made, "seconds": seconds,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _dir_bytes(path: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in path.glob(pattern))
+
+
+def throughput(version_dir: Path, streams: int, tokens: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", _THROUGHPUT, str(version_dir), str(streams),
+                           str(tokens)], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result | {"tokens_per_s": result["tokens"] / result["seconds"]}
+
+
+def bench_row(name: str, source: Path, work: Path, args) -> dict:
+    from llmserve.artifacts.build import BuildRequest, build
+    from llmserve.compress.pipeline import CompressError, CompressRequest, compress
+
+    methods, variant = ROWS[name]
+    methods = [m.format(drop=args.drop, steps=args.steps) for m in methods]
+    row = {"row": name, "methods": methods, "variant": variant}
+    model_dir, start = source, time.monotonic()
+    if methods:
+        model_dir = work / name
+        try:
+            result = compress(CompressRequest(source=source, out=model_dir, methods=methods))
+            row["gate"] = result["gate"]
+        except CompressError as exc:
+            row |= {"gate": exc.gate, "refused": str(exc), "compress_s": time.monotonic() - start}
+            return row
+    row["compress_s"] = time.monotonic() - start
+    if args.gate_only:
+        return row
+    row["hf_weight_bytes"] = _dir_bytes(model_dir, "*.safetensors")
+    built = build(BuildRequest(source=model_dir, repo=work / "repo", model=name.replace("+", "-"),
+                               kind="generate", variant=variant))
+    row["onnx_bytes"] = _dir_bytes(built.path, "model.onnx*")
+    row["build_accuracy"] = built.accuracy
+    row["engine_onnx"] = throughput(built.path, args.streams, args.tokens)
+    return row
+
+
+def table(rows: list[dict], source_note: str) -> str:
+    lines = [f"source: {source_note}",
+             f"{'row':18} {'KL':>7} {'ppl +%':>7} {'conf.agr':>8} {'gate':>7} {'HF MB':>7} "
+             f"{'ONNX MB':>8} {'tok/s':>7} {'peak MB':>8}"]
+    for r in rows:
+        m = (r.get("gate") or {}).get("metrics") or {}
+        eng = r.get("engine_onnx") or {}
+        verdict = "-" if not m else ("refused" if r.get("refused") else "passed")
+        lines.append(
+            f"{r['row']:18} {m.get('mean_kl', float('nan')):7.4f} "
+            f"{100 * m.get('ppl_increase', float('nan')):7.2f} "
+            f"{m.get('confident_agreement', float('nan')):8.4f} {verdict:>7} "
+            f"{r.get('hf_weight_bytes', 0) / 1e6:7.1f} {r.get('onnx_bytes', 0) / 1e6:8.1f} "
+            f"{eng.get('tokens_per_s', float('nan')):7.1f} {eng.get('peak_rss_mb', float('nan')):8.0f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, help="HF causal LM directory (default: SmolLM2)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}")
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--drop", type=int, default=6, help="layers dropped by the pruned rows")
+    parser.add_argument("--steps", type=int, default=150, help="distillation steps")
+    parser.add_argument("--gate-only", action="store_true", help="compress and gate; no builds")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}")
+    if args.source:
+        source, note = args.source.resolve(), str(args.source)
+    else:
+        from llmserve.artifacts import testmodels
+
+        source = testmodels.smollm2()
+        note = ("SmolLM2-135M-Instruct, de-quantized from a Q4_1 GGUF: its weights already sit on "
+                "an asymmetric 4-bit grid of blocks of 32, which flatters the int4 row")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
+        for name in rows:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            results.append(bench_row(name, source, Path(tmp), args))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"source": note, "streams": args.streams,
+                                            "tokens": args.tokens, "rows": results}, indent=2))
+            print(table(results, note), flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
