@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fixtures.models import torch_greedy
 from llmserve.artifacts import client, gate
 from llmserve.artifacts.build import BuildError, BuildRequest, build
 from llmserve.artifacts.manifest import list_files, pull, verify_version
@@ -18,23 +19,6 @@ from llmserve.artifacts.manifest import list_files, pull, verify_version
 pytestmark = pytest.mark.triton
 
 PROMPTS = ["Beautiful is", "Now is better", "Errors should", "Simple", "If the implementation is"]
-
-
-def _torch_greedy(source: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    texts = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos)
-        texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    return texts
 
 
 def _pulled(built, tmp_path) -> Path:
@@ -46,7 +30,7 @@ def _pulled(built, tmp_path) -> Path:
 
 def test_generate_matches_pytorch_through_triton(tiny_lm_artifact, triton_server, tmp_path):
     server = triton_server(_pulled(tiny_lm_artifact, tmp_path), {"tiny-lm": 1})
-    expected = _torch_greedy(tiny_lm_artifact.source, PROMPTS, 24)
+    expected = torch_greedy(tiny_lm_artifact.source, PROMPTS, 24)
     # Sent together: the dynamic batcher hands them to one execute(), prefilled left-padded.
     answers = client.generate(server.grpc_url, "tiny-lm",
                               [{"prompt": p, "max_tokens": 24} for p in PROMPTS])
@@ -209,4 +193,4 @@ def test_smollm2_int8_is_refused_and_fp32_serves_like_pytorch(smollm2_artifact, 
     # already covers; here the point is the real model's numerics end to end.
     answers = [client.generate(server.grpc_url, "smollm2", [{"prompt": p, "max_tokens": 16}])[0]
                for p in prompts]
-    assert [a.text for a in answers] == _torch_greedy(smollm2_artifact.source, prompts, 16)
+    assert [a.text for a in answers] == torch_greedy(smollm2_artifact.source, prompts, 16)

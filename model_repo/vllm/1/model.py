@@ -260,6 +260,7 @@ class TritonPythonModel:
             try:
                 job = self._parse(request)
             except ValueError as exc:
+                self.metrics.failure()
                 _send_error(sender, str(exc))
                 continue
             asyncio.run_coroutine_threadsafe(self._start(job, request, sender), self.loop)
@@ -301,10 +302,10 @@ class TritonPythonModel:
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # the client is gone
         except Exception as exc:  # noqa: BLE001 - every request must end with a response
             message = str(exc) or type(exc).__name__
+            self.metrics.failure()
             if _is_client_error(exc):
                 _send_error(sender, f"invalid argument: {message}")
             else:
-                self.metrics.failure()
                 _send_error(sender, f"generation failed: {message}")
 
     def _response(self, job, output, completion, top_n):
@@ -431,8 +432,10 @@ class EngineMetrics:
         self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1)")
         self.prompt_tokens = counter("vllm:prompt_tokens_total", "Prompt tokens processed")
         self.generation_tokens = counter("vllm:generation_tokens_total", "Tokens generated")
-        self.failures = counter("llmserve:request_failure_total",
-                                "Requests the engine failed (invalid input excluded)")
+        # Every request that ends with an error, as Triton's nv_inference_request_failure counts:
+        # what reaches the model past the predictor's checks fails because of this revision
+        # (a prompt over its max_model_len, messages its chat template refuses, an engine error).
+        self.failures = counter("llmserve:request_failure_total", "Requests that ended with an error")
         self.success_family = family("vllm:request_success_total", "Requests finished",
                                      family.COUNTER)
         self.success = {}  # finished_reason -> Metric
