@@ -138,21 +138,23 @@ def test_next_version_leaves_the_previous_one_byte_identical(tiny_lm_artifact, a
         build(BuildRequest(source=built.source, repo=built.repo, model=built.name, version=1))
 
 
-def test_a_flipped_byte_is_refused_by_verify_and_pull(tiny_lm_artifact, artifact_copy, tmp_path):
-    built = artifact_copy(tiny_lm_artifact)
-    onnx_file = built.path / "model.onnx"
-    data = bytearray(onnx_file.read_bytes())
+@pytest.mark.parametrize("artifact, weights", [("tiny_lm_artifact", "model.onnx"),
+                                               ("tiny_vllm_artifact", "model.safetensors")])
+def test_a_flipped_byte_is_refused_by_verify_and_pull(artifact, weights, request, artifact_copy, tmp_path):
+    built = artifact_copy(request.getfixturevalue(artifact))
+    weights_file = built.path / weights
+    data = bytearray(weights_file.read_bytes())
     data[len(data) // 2] ^= 0x01
-    onnx_file.write_bytes(bytes(data))
+    weights_file.write_bytes(bytes(data))
     llmserve = str(Path(sys.executable).parent / "llmserve")
     verify = subprocess.run([llmserve, "verify", built.repo, built.name, "1"],
                             capture_output=True, text=True)
     assert verify.returncode == 1
-    assert "sha256 of model.onnx does not match the manifest" in verify.stderr
+    assert f"sha256 of {weights} does not match the manifest" in verify.stderr
     dest = tmp_path / "dest"
     pulled = subprocess.run([llmserve, "pull", "--source", built.repo, "--model", built.name,
                              "--version", "1", "--dest", dest], capture_output=True, text=True)
-    assert pulled.returncode == 1 and "model.onnx" in pulled.stderr
+    assert pulled.returncode == 1 and weights in pulled.stderr
     assert not (dest / built.name).exists()
 
 

@@ -3,24 +3,24 @@ pulled as the pod's init container pulls it, served by vLLM's CPU build inside t
 tritonserver (in the vLLM engine environment), asked over tritonclient gRPC.
 
 One server for the module (vLLM takes a minute or two to start here); every test reads or
-compares metric deltas, so the order of the tests does not matter.
+compares metric deltas, so the order of the tests does not matter. That a tampered vLLM version
+is refused is tested with the ONNX one in test_artifacts.py.
 """
 
 from __future__ import annotations
 
 import json
 import queue
-import subprocess
-import sys
-from pathlib import Path
+import urllib.request
 
 import pytest
 import tritonclient.grpc as grpcclient
 
+from fixtures.dataplane import _register
 from fixtures.models import torch_greedy
 from fixtures.predictor import TESTBED_VLLM_ENGINE_ARGS, scraped
 from llmserve.artifacts import client
-from llmserve.artifacts.manifest import ManifestError, Serving, list_files, pull, verify_version
+from llmserve.artifacts.manifest import Serving, list_files, pull, verify_version
 from llmserve.testbed.triton import TritonServer
 from llmserve.testbed.waiting import poll
 
@@ -36,20 +36,20 @@ CHOICE = {
 
 
 @pytest.fixture(scope="module")
-def server(tiny_vllm_artifact, tmp_path_factory):
+def _server(tiny_vllm_artifact, tmp_path_factory):
     built = tiny_vllm_artifact
     repo = tmp_path_factory.mktemp("pulled")
     pull(built.repo, built.name, built.version, repo,
          serving=Serving(engine="vllm", instance_kind="KIND_CPU", engine_args=TESTBED_VLLM_ENGINE_ARGS))
-    triton = TritonServer(repo, {built.name: built.version}, startup_timeout=600)
-    triton.start()
-    try:
+    with TritonServer(repo, {built.name: built.version}, startup_timeout=600) as triton:
         yield triton
-    except BaseException:
-        print(triton.log_tail(80))
-        raise
-    finally:
-        triton.stop()
+
+
+@pytest.fixture
+def server(request, _server):
+    """The module's server; its log tail goes into the report of a test that fails."""
+    _register(request, "triton (vLLM)", _server)
+    return _server
 
 
 def ask(server, model, **request):
@@ -181,21 +181,7 @@ def test_engine_metrics_appear_on_tritons_metrics_port(server, tiny_vllm_artifac
          lambda: {n: metric(server, n, **labels) - v for n, v in before.items()} == expected, 30)
     assert metric(server, "vllm:e2e_request_latency_seconds_bucket", le="+Inf", **labels) == \
         metric(server, "vllm:e2e_request_latency_seconds_count", **labels)
-    text = __import__("urllib.request").request.urlopen(server.metrics_url).read().decode()
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         assert f"# TYPE {gauge} gauge" in text
     assert "# TYPE vllm:time_to_first_token_seconds histogram" in text
-
-
-def test_a_tampered_version_is_refused_by_verify_and_pull(tiny_vllm_artifact, artifact_copy, tmp_path):
-    built = artifact_copy(tiny_vllm_artifact)
-    weights = built.path / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    weights.write_bytes(bytes(data))
-    llmserve = str(Path(sys.executable).parent / "llmserve")
-    verify = subprocess.run([llmserve, "verify", built.repo, built.name, "1"], capture_output=True, text=True)
-    assert verify.returncode == 1 and "sha256 of model.safetensors does not match the manifest" in verify.stderr
-    with pytest.raises(ManifestError, match="model.safetensors"):
-        pull(built.repo, built.name, built.version, tmp_path / "dest", serving=Serving(engine="vllm"))
-    assert not (tmp_path / "dest" / built.name).exists()

@@ -41,7 +41,7 @@ except ImportError:  # imported by the build's gate and the unit tests, outside 
 ENGINE_FILE = "engine.json"
 DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 16
-CANCEL_POLL_SECONDS = 0.1
+CANCEL_POLL_SECONDS = 0.5  # each check is a round trip to the Triton process
 # vLLM's own bucket bounds for these histograms (vllm/v1/metrics/loggers.py), so dashboards and
 # alerts written for vLLM read ours unchanged.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -250,7 +250,6 @@ class TritonPythonModel:
 
         self.engine = asyncio.run_coroutine_threadsafe(start(), self.loop).result()
         self.tokenizer = self.engine.get_tokenizer()
-        self.max_model_len = self.engine.model_config.max_model_len
         self.running = {}  # request id -> (triton request, asyncio task)
         self.watcher = asyncio.run_coroutine_threadsafe(self._watch_cancellations(), self.loop)
 
@@ -439,6 +438,7 @@ class EngineMetrics:
         self.success_family = family("vllm:request_success_total", "Requests finished",
                                      family.COUNTER)
         self.success = {}  # finished_reason -> Metric
+        self.load = (0, 0, 0.0)  # running, waiting, KV usage last published
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token",
                               TTFT_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between two tokens",
@@ -451,9 +451,13 @@ class EngineMetrics:
 
     def record(self, scheduler_stats, iteration_stats):
         if scheduler_stats is not None:
-            self.running.set(scheduler_stats.num_running_reqs)
-            self.waiting.set(scheduler_stats.num_waiting_reqs)
-            self.kv_usage.set(scheduler_stats.kv_cache_usage)
+            # Every metric call is a round trip to the Triton process: set gauges on change only.
+            load = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
+                    scheduler_stats.kv_cache_usage)
+            for gauge, value, last in zip((self.running, self.waiting, self.kv_usage), load, self.load):
+                if value != last:
+                    gauge.set(value)
+            self.load = load
         if iteration_stats is None:
             return
         if iteration_stats.num_prompt_tokens:
