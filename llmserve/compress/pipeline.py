@@ -5,7 +5,6 @@ new HF directory with lineage. Nothing is written when a method does not fit or 
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import shutil
 import sys
@@ -43,16 +42,6 @@ def progress(message: str) -> None:
     print(f"[compress] {message}", file=sys.stderr, flush=True)
 
 
-def _tools() -> dict:
-    versions = {}
-    for dist in ("llmserve", "torch", "transformers"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def _teacher_dir(req: CompressRequest, parent: dict | None, source_digest: str) -> tuple[Path, str]:
     from llmserve.artifacts.build import source_sha256
 
@@ -88,7 +77,7 @@ def compress(req: CompressRequest) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from llmserve.artifacts.build import source_sha256
+    from llmserve.artifacts.build import source_sha256, tool_versions
 
     if not req.methods:
         raise CompressError("give at least one --method")
@@ -142,7 +131,7 @@ def compress(req: CompressRequest) -> dict:
     result = lineage.extend(parent, {"path": str(req.source.resolve()), "sha256": digest},
                             applied)
     result["teacher"] = {"path": str(teacher_dir.resolve()), "sha256": teacher_digest}
-    result |= {"gate": record | {"corpus": req.corpus}, "tools": _tools(),
+    result |= {"gate": record | {"corpus": req.corpus}, "tools": tool_versions(),
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     req.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{req.out.name}-", dir=req.out.parent))

@@ -128,3 +128,20 @@ def test_onnx_scheme_follows_the_lineage():
     assert onnx_quant.scheme("w8", None) == {"bits": 8, **onnx_quant.DEFAULTS[8]}
     with pytest.raises(onnx_quant.QuantizeError, match="compressed with quantize-int4"):
         onnx_quant.scheme("w8", compressed)
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from llmserve.cli import main
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    out = str(tmp_path / "out")
+    assert main(["compress", str(tmp_path / "src"), "--out", out, "--method", "zip"]) == 1
+    assert "unknown method 'zip'" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "src"), "--out", out, "--method", "distill"]) == 1
+    assert "distillation alone" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "nowhere"), "--out", out, "--method", "prune-2of4"]) == 1
+    assert "not a Hugging Face model directory" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "src"), "--out", out, "--method", "prune-2of4",
+                 "--positions", "100"]) == 1
+    assert "--positions must be at least 2000" in capsys.readouterr().err
