@@ -268,7 +268,14 @@ class TritonPythonModel:
     async def _start(self, job, request, sender):
         task = asyncio.ensure_future(self._generate(job, sender))
         self.running[job.request_id] = (request, task)
-        task.add_done_callback(lambda _: self.running.pop(job.request_id, None))
+
+        def done(task):
+            self.running.pop(job.request_id, None)
+            if task.cancelled():  # cancelled before it started: Triton still needs the final flag
+                self.metrics.finished("abort")
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+        task.add_done_callback(done)
 
     async def _watch_cancellations(self):
         while True:
@@ -298,6 +305,8 @@ class TritonPythonModel:
                 if output.finished and not responses:
                     sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except asyncio.CancelledError:
+            # vLLM reports no statistics for a request its caller aborts: count it here.
+            self.metrics.finished("abort")
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # the client is gone
         except Exception as exc:  # noqa: BLE001 - every request must end with a response
             message = str(exc) or type(exc).__name__
@@ -469,12 +478,14 @@ class EngineMetrics:
         for seconds in iteration_stats.inter_token_latencies_iter:
             self.itl.observe(seconds)
         for finished in iteration_stats.finished_requests:
-            reason = str(finished.finish_reason)
-            if reason not in self.success:
-                self.success[reason] = self.success_family.Metric(
-                    labels={**self.labels, "finished_reason": reason})
-            self.success[reason].increment(1)
+            self.finished(str(finished.finish_reason))
             self.e2e.observe(finished.e2e_latency)
+
+    def finished(self, reason):
+        if reason not in self.success:
+            self.success[reason] = self.success_family.Metric(
+                labels={**self.labels, "finished_reason": reason})
+        self.success[reason].increment(1)
 
     def stat_logger(self):
         """A vLLM stat-logger factory feeding this object."""
