@@ -1,4 +1,5 @@
-"""Closed-loop inference load against a Triton server's HTTP endpoint (KServe V2 `infer`).
+"""Closed-loop inference load against a Triton server's HTTP endpoint (KServe V2 `infer`, or
+Triton's `generate` endpoint for a decoupled LLM model).
 
 `concurrency` clients each send the next request as soon as the previous one is answered, the way
 a fixed pool of callers loads a service: the offered load is set by the number of clients, not by
@@ -27,14 +28,16 @@ class InferenceLoad:
     """`InferenceLoad(url, model, inputs, concurrency).start()` ... `.stop()` -> LoadStats.
 
     `inputs` is the V2 `inputs` list, e.g. `[{"name": "INPUT0", "shape": [4], "datatype": "FP32",
-    "data": [1, 2, 3, 4]}]`.
+    "data": [1, 2, 3, 4]}]`, or for the generate endpoint its JSON object, e.g. `{"text_input":
+    "Hello", "max_tokens": 32}` (with `endpoint="generate"`).
     """
 
-    def __init__(self, http_url: str, model: str, inputs: list[dict], concurrency: int, timeout: float = 30.0):
+    def __init__(self, http_url: str, model: str, inputs: list[dict] | dict, concurrency: int, timeout: float = 30.0,
+                 endpoint: str = "infer"):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self.url = f"{http_url.rstrip('/')}/v2/models/{model}/infer"
-        self.body = json.dumps({"inputs": inputs}).encode()
+        self.url = f"{http_url.rstrip('/')}/v2/models/{model}/{endpoint}"
+        self.body = json.dumps({"inputs": inputs} if endpoint == "infer" else inputs).encode()
         self.concurrency, self.timeout = concurrency, timeout
         self.stats = LoadStats()
         self._lock = threading.Lock()
