@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test bed, the tests and the quickstart need on a fresh machine:
 # Debian's prometheus, a Python venv with llmserve and its extras, the pinned Go-built
-# Kubernetes/etcd/KWOK/Helm binaries and the engine environments (all cached under
-# ~/.cache/llmserve, built once).
+# Kubernetes/etcd/KWOK/Helm binaries, the prometheus-adapter and LeaderWorkerSet binaries some
+# tests start (built here, not inside a test's timeout) and the engine environments (all cached
+# under ~/.cache/llmserve, built once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${LLMSERVE_VENV:-$HOME/.cache/llmserve/venv}"

@@ -47,7 +47,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     repository.add_argument("--claim", default="models", help="claim name (default: models)")
     repository.set_defaults(func=_model_repository)
 
-    build = actions.add_parser("build", help="build the pinned etcd/Kubernetes/KWOK/Helm binaries")
+    build = actions.add_parser("build", help="build the pinned etcd/Kubernetes/KWOK/Helm binaries and those "
+                               "some tests start (prometheus-adapter, LeaderWorkerSet)")
     build.set_defaults(func=_build)
 
     engine_env = actions.add_parser(
@@ -157,6 +158,6 @@ def _model_repository(args) -> int:
 
 def _build(args) -> int:
     from . import toolchain
-    for name, path in _guard(toolchain.ensure_all).items():
+    for name, path in _guard(lambda: toolchain.ensure_all(toolchain.COMPONENTS + toolchain.ON_DEMAND)).items():
         print(f"{name}: {path}", file=sys.stderr)
     return 0

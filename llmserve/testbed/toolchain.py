@@ -9,6 +9,7 @@ see a real server version.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -116,8 +117,8 @@ HELM = GoComponent(
 )
 
 # Serves Prometheus queries as the custom metrics API for the HPA (docs/autoscaling.md). Not in
-# COMPONENTS: only the autoscaling tests and bench/autoscaling.py need it, and they build it lazily
-# with `build(PROMETHEUS_ADAPTER)`, so `testbed up` does not pay for a binary most runs never start.
+# COMPONENTS: only the autoscaling tests and bench/autoscaling.py start it, so `testbed up` does not
+# pay for it; `testbed build` (hack/setup.sh) builds it with the rest (ON_DEMAND).
 PROMETHEUS_ADAPTER = GoComponent(
     name="prometheus-adapter",
     module="sigs.k8s.io/prometheus-adapter",
@@ -136,6 +137,10 @@ LWS = GoComponent(
 )
 
 COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM)
+# Started only by some tests, which build them if missing. `testbed build` (hack/setup.sh) builds
+# them too: compiled inside a test on a fresh machine they outlast its timeout (the adapter took
+# over 14 min on a busy 2-core machine), so the first autoscaling test failed on a fresh clone.
+ON_DEMAND = (PROMETHEUS_ADAPTER, LWS)
 
 
 class BuildError(RuntimeError):
@@ -173,8 +178,14 @@ def _run(cmd: list[str], cwd: Path, log_path: Path, label: str) -> None:
                 _log(f"  {label}: {int(time.monotonic() - started)}s, {count} packages/modules so far")
 
         threading.Thread(target=progress, daemon=True).start()
-        rc = proc.wait()
-        done.set()
+        try:
+            rc = proc.wait()
+        except BaseException:  # interrupted (a test's timeout, Ctrl-C): leave no orphan compiling
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            done.set()
     if rc != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise BuildError(f"{label} failed (exit {rc}); last lines of {log_path}:\n{tail}")
@@ -195,9 +206,19 @@ def _local_replacements(upstream_gomod: str, fallback_version: str) -> dict[str,
 
 
 def build(component: GoComponent) -> None:
-    """Build one component into its cache directory unless it is already there."""
+    """Build one component into its cache directory unless it is already there. Another process
+    building the same component (a parallel test session, setup) is waited for, not clobbered."""
     if component.is_built():
         return
+    lock_path = cache_root() / "build" / f"{component.name}-{component.version}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not component.is_built():
+            _build(component)
+
+
+def _build(component: GoComponent) -> None:
     go = _go()
     work = cache_root() / "build" / f"{component.name}-{component.version}"
     shutil.rmtree(work, ignore_errors=True)  # a stale wrapper go.mod would break the download
@@ -243,10 +264,10 @@ def build(component: GoComponent) -> None:
     _log(f"built {component.name} {component.version} into {component.bin_dir}")
 
 
-def ensure_all() -> dict[str, Path]:
+def ensure_all(components: tuple[GoComponent, ...] = COMPONENTS) -> dict[str, Path]:
     """Build whatever is missing and return binary name -> path for every component."""
     paths = {}
-    for component in COMPONENTS:
+    for component in components:
         build(component)
         paths.update({b: component.path(b) for b in component.commands})
     return paths
