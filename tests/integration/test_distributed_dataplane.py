@@ -8,10 +8,14 @@ expands `$(VAR)` with the variables the LeaderWorkerSet webhook injects), the le
 the engine arguments the puller writes into the leader's config.pbtxt (node rank 0, `mp` executor,
 the same rendezvous). Their greedy output must equal one process with tensor parallel 1.
 
-What differs from a cluster: the leader's engine runs in a plain Python process rather than inside
-Triton's python backend (the same engine arguments reach vLLM's engine either way), the model
-directory is the source checkpoint rather than a pulled copy, and the rendezvous port is a free one
-instead of the rendered 29501 (several runs share this machine).
+Two tests. The first runs the leader's engine in a plain Python process from the rendered engine
+arguments, on the source checkpoint. The second is the pods' whole path: a vLLM version published
+with the shipped model code, installed by `llmserve pull` with the leader's rendered settings (which
+also writes the engine-args.yaml the worker's command names), the worker's rendered command on that
+copy, and the leader as `tritonserver` loading model_repo/vllm from it, answering a gRPC stream;
+the reference is the same Triton with tensor parallel 1. What still differs from a cluster: the
+rendezvous port is a free one instead of the rendered 29501 (several runs share this machine), and
+the processes share one host's loopback.
 """
 
 from __future__ import annotations
@@ -19,12 +23,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from llmserve.artifacts import client
+from llmserve.artifacts.manifest import Serving, pull, write_manifest
+from llmserve.artifacts.repository import publish, staging_dir
+from llmserve.artifacts.vllm_build import ENGINE_FILE, render_vllm_config, shipped_vllm_files
 from llmserve.artifacts.manifest import WORKER_ENGINE_ARGS
 from llmserve.operator import lws
 from llmserve.operator.parallelism import MASTER_PORT
@@ -32,6 +41,7 @@ from llmserve.operator.render import puller_command
 from llmserve.operator.spec import Spec
 from llmserve.testbed.paths import cache_root
 from llmserve.testbed.procs import LocalProcess, free_ports, tail
+from llmserve.testbed.triton import TritonServer
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +132,80 @@ def test_two_node_tensor_parallel_group_matches_one_process(model_dir: Path, tmp
                       tmp_path / "single.log")
     assert all(len(ids) == MAX_TOKENS for ids in single)
     assert group == single
+
+
+def two_node_spec() -> Spec:
+    """`gpus: 1, nodes: 2`: tensor parallel 2 over two pods."""
+    return Spec.from_object({"metadata": {"name": "chat", "namespace": "ns", "uid": "u"},
+                             "spec": {"model": {"name": "tiny", "repository": "pvc://m/r", "version": 1},
+                                      "runtime": {"gpus": 1, "parallelism": {"nodes": 2}}}})
+
+
+def published_version(model_dir: Path, repo: Path) -> str:
+    """The checkpoint published as version 1 of `tiny` the way `llmserve build --engine vllm` lays
+    it out (HF files, engine.json, the shipped model.py and config.pbtxt, manifest); the accuracy
+    gate is left out: this test compares the engine with itself."""
+    staged = staging_dir(repo, "tiny")
+    for path in model_dir.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, staged / path.name)
+    model_code, config = shipped_vllm_files()
+    shutil.copyfile(model_code, staged / "model.py")
+    (staged / ENGINE_FILE).write_text(json.dumps(SETTINGS))
+    (staged / "config.pbtxt").write_text(render_vllm_config(config.read_text(), "tiny", {}))
+    sha = write_manifest(staged, {"model": "tiny"})
+    publish(staged, repo, "tiny")
+    return sha
+
+
+def triton_greedy(models: Path, monkeypatch, cpus: str) -> list[str]:
+    """Greedy texts of PROMPTS from tritonserver loading `models` (a pulled copy)."""
+    for key, value in engine_env(cpus).items():
+        if key.startswith(("VLLM_", "HF_", "LC_", "LANG")):
+            monkeypatch.setenv(key, value)
+    server = TritonServer(models, {"tiny": 1}, startup_timeout=600).start()
+    try:
+        answers = client.generate(server.grpc_url, "tiny", [
+            {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0.0} for p in PROMPTS])
+    finally:
+        log = server.log_tail(40)
+        server.stop()
+    assert [a.error for a in answers] == [None] * len(PROMPTS), f"{[a.error for a in answers]}\n{log}"
+    return [a.text for a in answers]
+
+
+def test_two_node_group_with_the_leader_in_triton_matches_one_process(model_dir: Path, tmp_path: Path,
+                                                                      monkeypatch):
+    spec = two_node_spec()
+    repo = tmp_path / "repo"
+    sha = published_version(model_dir, repo)
+    (port,) = free_ports(1)
+    pod_env = {"LWS_LEADER_ADDRESS": "127.0.0.1", "LWS_GROUP_SIZE": "2"}
+    argv = puller_command(spec)
+    rendered_args = json.loads(argv[argv.index("--engine-args") + 1])  # kubelet-expanded per pod below
+
+    def install(dest: Path, rank: int) -> Path:
+        """What the init container of the member with `rank` leaves in /models."""
+        args = json.loads(kubelet_expand([json.dumps(rendered_args)], {**pod_env, "LWS_WORKER_INDEX": str(rank)})[0])
+        pull(repo, "tiny", 1, dest, sha, Serving(engine="vllm", instance_kind="KIND_CPU",
+                                                  engine_args={**args, "master_port": port}))
+        return dest
+
+    leader_models, worker_models = install(tmp_path / "leader", 0), install(tmp_path / "worker", 1)
+    worker_argv = VLLM_CLI + [
+        arg.replace("/models", str(worker_models)).replace(str(MASTER_PORT), str(port))
+        for arg in kubelet_expand(lws.worker_command(spec)[1:], {**pod_env, "LWS_WORKER_INDEX": "1"})]
+    worker = LocalProcess(worker_argv, tmp_path / "worker.log", env=engine_env("1"))
+    worker.start()
+    try:
+        group = triton_greedy(leader_models, monkeypatch, "0")
+    except BaseException:
+        print(f"worker log:\n{tail(tmp_path / 'worker.log', 40)}")
+        raise
+    finally:
+        worker.stop(grace=20)
+    single = tmp_path / "single"
+    pull(repo, "tiny", 1, single, sha, Serving(engine="vllm", instance_kind="KIND_CPU",
+                                               engine_args={"tensor_parallel_size": 1}))
+    assert triton_greedy(single, monkeypatch, "0-1") == group
+    assert all(text for text in group)
