@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "compress.json"
+TEACHER_LOGITS: dict = {}  # the teacher's held-out logits, computed by the first row only
 
 # name -> (compress methods, ONNX build variant); baseline: the source itself.
 ROWS = {
@@ -84,7 +85,8 @@ def bench_row(name: str, source: Path, work: Path, args) -> dict:
     if methods:
         model_dir = work / name
         try:
-            result = compress(CompressRequest(source=source, out=model_dir, methods=methods))
+            result = compress(CompressRequest(source=source, out=model_dir, methods=methods,
+                                              teacher_logits=TEACHER_LOGITS))
             row["gate"] = result["gate"]
         except CompressError as exc:
             row |= {"gate": exc.gate, "refused": str(exc), "compress_s": time.monotonic() - start}

@@ -35,6 +35,18 @@ def torch_logits(model) -> LogitsFn:
     return run
 
 
+def memoized(fn: LogitsFn, cache: dict, key: str) -> LogitsFn:
+    """`fn` remembering its answers in `cache` under (key, tokens)."""
+
+    def run(ids: list[int]) -> np.ndarray:
+        slot = (key, tuple(ids))
+        if slot not in cache:
+            cache[slot] = fn(ids)
+        return cache[slot]
+
+    return run
+
+
 def compare(teacher: LogitsFn, candidate: LogitsFn, windows: list[list[int]],
             progress: Callable[[str], None] | None = None) -> dict:
     stats = gate.GateStats()

@@ -143,3 +143,19 @@ def test_windows_spread_over_the_text():
                                           list(range(60, 70))]
     assert corpus.windows(ids, 10, 50) == [list(range(i, i + 10)) for i in range(0, 100, 10)]
     assert corpus.windows(ids, 200, 2) == []
+
+
+def test_teacher_logits_are_computed_once_per_window():
+    from llmserve.compress import evaluate
+
+    calls = []
+
+    def teacher(ids):
+        calls.append(ids)
+        return np.zeros((len(ids), 3))
+
+    cache = {}
+    run = evaluate.memoized(teacher, cache, "sha")
+    run([1, 2]), run([1, 2]), run([3])
+    assert calls == [[1, 2], [3]]
+    assert evaluate.memoized(teacher, cache, "other")([1, 2]) is not None and len(calls) == 3
