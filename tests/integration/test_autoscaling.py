@@ -220,7 +220,8 @@ def test_the_engines_waiting_requests_scale_the_llmservice(
     one sequence at a time here (engineSettings.maxConcurrentSequences 1, delivered through the
     pod's puller command), 6 clients keep about 5 waiting, and the HPA (target 2 per pod) scales."""
     name, built, metric = "gen", tiny_lm_artifact, "llmserve_waiting_requests"
-    manifest = llmservice(name, namespace, min_replicas=1, max_replicas=2, target="2", scale_down="10s")
+    manifest = llmservice(name, namespace, min_replicas=1, max_replicas=2, target="2", scale_down="10s",
+                          gpus=0)  # a CPU pod (KIND_CPU): what this machine's tritonserver can run
     manifest["spec"]["model"]["name"] = built.name
     manifest["spec"]["runtime"].update(engine="onnxruntime", engineSettings={"maxConcurrentSequences": 1})
     manifest["spec"]["autoscaling"]["metric"] = "waitingRequests"
