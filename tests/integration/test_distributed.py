@@ -56,6 +56,15 @@ def test_the_api_server_refuses_parallelism_that_does_not_add_up(testbed, llmser
     assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("verb,allowed", [("watch", True), ("create", True), ("patch", True), ("delete", True),
+                                           ("update", False)])
+def test_the_operators_service_account_manages_leader_worker_sets(testbed, lws_controller, verb, allowed):
+    # With the CRD installed: kubectl resolves the resource only through discovery.
+    result = testbed.kubectl("auth", "can-i", verb, "leaderworkersets.leaderworkerset.x-k8s.io", "--all-namespaces",
+                             "--as=system:serviceaccount:llmserve-system:llmserve", check=False)
+    assert result.stdout.strip() == ("yes" if allowed else "no")
+
+
 def test_two_nodes_by_four_gpus_become_one_ready_replica(testbed, lws_controller, namespace):
     testbed.apply(llmservice("big", namespace, gpus=4, nodes=2))
     obj = wait_for(lambda: ready(testbed, namespace, "big"), "the 2-node x 4-GPU service Ready", timeout=180)
