@@ -128,12 +128,13 @@ def test_json_schema_structured_output_parses_and_fits(server, tiny_vllm_artifac
 def test_what_vllm_cannot_do_and_bad_input_are_clear_errors(server, tiny_vllm_artifact):
     model = tiny_vllm_artifact.name
     failures = metric(server, "llmserve:request_failure_total")
-    unsupported, bad_value, no_prompt, too_long = client.generate(server.grpc_url, model, [
+    # Refused while parsing, in the order sent (errors on a stream carry no request id).
+    unsupported, bad_value, no_prompt = client.generate(server.grpc_url, model, [
         {"prompt": "x", "sampling_parameters": {"best_of": 2}},
         {"prompt": "x", "max_tokens": 0},
         {"max_tokens": 5},
-        {"prompt": "x" * 600},
     ])
+    too_long = ask(server, model, prompt="x" * 600)  # refused by vLLM: longer than max_model_len
     assert unsupported.error.endswith("unsupported parameter: best_of")
     assert "invalid argument: max_tokens must be in" in bad_value.error
     assert "invalid argument: send exactly one of text_input and messages" in no_prompt.error
