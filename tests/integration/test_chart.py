@@ -116,3 +116,16 @@ def test_the_per_service_prometheus_rule_and_the_operator_flags_come_from_the_sa
         "schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rollout"]["properties"]["analysis"][
         "properties"]["prometheus"]["properties"]["url"]["x-kubernetes-validations"][0]
     assert default_rule["rule"].endswith("&& (false)")  # no Prometheus configured: none may be named
+
+
+def test_two_operators_never_act_at_once():
+    """With election an upgrade's new pod stands by until the old one releases the lease; without
+    it the old pod goes first (Recreate) and more than one replica is refused."""
+    elected = render("--set", "replicaCount=2")["Deployment", "ops", "llmserve"]["spec"]["strategy"]
+    assert elected == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    alone = render(*VARIANTS["no-leader-election"])["Deployment", "ops", "llmserve"]["spec"]["strategy"]
+    assert alone == {"type": "Recreate"}
+    result = subprocess.run([str(HELM.path("helm")), "template", str(CHART_DIR), "--kube-version", KUBERNETES_VERSION,
+                             *VARIANTS["no-leader-election"], "--set", "replicaCount=2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "/replicaCount" in result.stderr and "maximum" in result.stderr
