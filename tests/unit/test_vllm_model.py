@@ -141,3 +141,13 @@ def test_local_torch_pins_become_pypi_pins_and_extras_are_dropped():
         'torch==2.13.0+cpu; platform_machine == "x86_64"', "numpy", 'pytest; extra == "test"',
         "intel-openmp==2024.2.1",
     ]) == ['torch==2.13.0; platform_machine == "x86_64"', "numpy", "intel-openmp==2024.2.1"]
+
+
+def test_client_shapes_tensors_for_models_with_and_without_a_batch_dimension():
+    from llmserve.artifacts.client import generate_inputs
+
+    batched = {t.name(): t.shape() for t in generate_inputs(prompt="x", stop=["a", "b"], max_tokens=3)}
+    assert batched == {"text_input": [1, 1], "stop": [1, 2], "max_tokens": [1, 1]}
+    flat = {t.name(): t.shape() for t in generate_inputs(prompt="x", stop=["a", "b"], max_tokens=3, batched=False,
+                                                          sampling_parameters={"n": 2})}
+    assert flat == {"text_input": [1], "stop": [2], "max_tokens": [1], "sampling_parameters": [1]}
