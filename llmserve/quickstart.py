@@ -20,10 +20,17 @@ from contextlib import ExitStack
 from pathlib import Path
 
 QUESTION = "What is the capital of France?"
-MODELS = {  # --model choice -> (testmodels source function, published model name)
-    "smollm2": ("smollm2", "smollm2"),
-    "tiny": ("tiny_lm", "tiny-gpt"),
+MODELS = {  # --model choice -> (testmodels source function, published model name, vLLM variant, default engine)
+    "smollm2": ("smollm2", "smollm2", "bf16", "vllm"),
+    # The fast CI path stays on ONNX Runtime: vLLM's engine start and its accuracy gate through
+    # vLLM take minutes on a busy 2-core machine, the ONNX tiny model seconds.
+    "tiny": ("tiny_lm", "tiny-gpt", "fp32", "onnxruntime"),
 }
+ENGINES = ("vllm", "onnxruntime")
+# This machine has no GPU, so the pods' data plane runs on vLLM's CPU build, which needs two
+# settings a GPU pod does not: eager mode (compiled mode takes minutes to start on the CPU) and a KV
+# budget in bytes (gpu_memory_utilization would mean a fraction of the whole host's memory).
+LOCAL_CPU_ENGINE_ARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +41,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     quickstart.add_argument("--model", choices=sorted(MODELS), default="smollm2",
                             help="smollm2: SmolLM2-135M-Instruct, a real small chat model (default); "
                                  "tiny: a 2-layer test LM, fast but answers gibberish")
+    quickstart.add_argument("--engine", choices=ENGINES,
+                            help="vllm: Hugging Face files on vLLM's engine (default for smollm2); onnxruntime: "
+                                 "an optimized ONNX artifact on ONNX Runtime (default for tiny)")
     quickstart.add_argument("--service", default="chat", help="LLMService name (default: chat)")
     quickstart.add_argument("--question", default=QUESTION, help="what to ask")
     quickstart.add_argument("--serve", action="store_true",
@@ -71,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
     from llmserve.testbed.paths import cache_root
     from llmserve.testbed.storage import MODEL_CLAIM, model_repository
 
+    args.engine = args.engine or MODELS[args.model][3]
+
     started = time.monotonic()
     work = cache_root() / "quickstart"
     work.mkdir(parents=True, exist_ok=True)
@@ -94,12 +106,12 @@ def _run(args: argparse.Namespace) -> int:
         stack.callback(operator.stop)
         operator.wait_leading()
 
-        model, version, digest, repo = publish_model(args.model, work / "model_repo")
+        model, version, digest, repo = publish_model(args.model, args.engine, work / "model_repo")
 
         step(f"making {repo} the model repository claim {MODEL_CLAIM} (a PersistentVolume and a claim, bound)")
         repository = model_repository(bed, "default", repo)
         step(f"applying LLMService {args.service} (model {model} v{version} from {repository})")
-        bed.apply(llmservice(args.service, model, version, digest, repository))
+        bed.apply(llmservice(args.service, model, version, digest, repository, args.engine))
         wait = bed.kubectl("wait", "--for=condition=Ready", f"llms/{args.service}", "--timeout=300s",
                            check=False, timeout=320)
         if wait.returncode != 0:
@@ -126,35 +138,42 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def publish_model(choice: str, repo: Path) -> tuple[str, int, str, Path]:
-    """Build the chosen model into ``repo`` unless a version of the same source is there already;
-    returns (model name, version, manifest sha256, repo)."""
+def publish_model(choice: str, engine: str, repo: Path) -> tuple[str, int, str, Path]:
+    """Build the chosen model for ``engine`` into ``repo`` unless a version of the same source
+    for that engine is there already; returns (model name, version, manifest sha256, repo)."""
     from llmserve.artifacts import testmodels
     from llmserve.artifacts.build import BuildRequest, build, source_sha256
-    from llmserve.artifacts.manifest import MANIFEST, sha256_file
+    from llmserve.artifacts.manifest import ENGINE_MARKERS, MANIFEST, sha256_file
 
-    source_fn, model = MODELS[choice]
+    source_fn, model, vllm_variant, _ = MODELS[choice]
     step(f"preparing the source model ({choice})")
     source = getattr(testmodels, source_fn)()
     source_digest = source_sha256(source)
     for manifest_path in sorted((repo / model).glob(f"*/{MANIFEST}"), reverse=True):
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("source", {}).get("sha256") == source_digest:
-            step(f"reusing {model} version {manifest_path.parent.name} built from the same source")
+        built_for = {e for marker, e in ENGINE_MARKERS.items() if marker in manifest.get("files", {})}
+        if manifest.get("source", {}).get("sha256") == source_digest and built_for == {engine}:
+            step(f"reusing {model} version {manifest_path.parent.name} built from the same source for {engine}")
             return model, int(manifest_path.parent.name), sha256_file(manifest_path), repo
-    step(f"building an optimized artifact of {model} into {repo} (ONNX export, optimization, accuracy gate)")
-    result = build(BuildRequest(source=source, repo=repo, model=model, variant="fp32"))
+    if engine == "vllm":
+        step(f"building a vLLM artifact of {model} into {repo} (Hugging Face files {vllm_variant}, "
+             "accuracy gate through vLLM)")
+        request = BuildRequest(source=source, repo=repo, model=model, variant=vllm_variant, engine="vllm")
+    else:
+        step(f"building an optimized artifact of {model} into {repo} (ONNX export, optimization, accuracy gate)")
+        request = BuildRequest(source=source, repo=repo, model=model, variant="fp32")
+    result = build(request)
     return result.model, result.version, result.manifest_sha256, repo
 
 
-def llmservice(name: str, model: str, version: int, digest: str, repository: str) -> dict:
+def llmservice(name: str, model: str, version: int, digest: str, repository: str, engine: str) -> dict:
     return {
         "apiVersion": "llmserve.io/v1alpha1", "kind": "LLMService",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {
             "model": {"name": model, "repository": repository, "version": version, "sha256": digest},
             "replicas": 1,
-            "runtime": {"gpus": 1},
+            "runtime": {"gpus": 1, "engine": engine},
         },
     }
 
@@ -183,6 +202,24 @@ def local_command(container: dict, mounts: dict[str, Path]) -> list[str]:
     return [sys.executable, "-m", "llmserve", *argv[1:]] if argv[0] == "llmserve" else argv
 
 
+def on_this_cpu(argv: list[str], engine: str) -> list[str]:
+    """The puller's command for this GPU-less machine (the test bed's GPUs are simulated): the
+    model's instances on the CPU and, for vLLM's CPU build, ``LOCAL_CPU_ENGINE_ARGS`` over the
+    engine settings the operator rendered."""
+    argv = list(argv)
+    changes = {"--instance-kind": "KIND_CPU"}
+    if engine == "vllm":
+        rendered = json.loads(argv[argv.index("--engine-args") + 1]) if "--engine-args" in argv else {}
+        changes["--engine-args"] = json.dumps({**rendered, **LOCAL_CPU_ENGINE_ARGS})
+    for flag, value in changes.items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    step(f"no GPU here: the model runs on the CPU ({', '.join(f'{k} {v}' for k, v in changes.items())})")
+    return argv
+
+
 def run_data_plane_and_ask(deployment: dict, bed, args, stack: ExitStack, work: Path) -> str:
     from openai import OpenAI
 
@@ -207,8 +244,9 @@ def run_data_plane_and_ask(deployment: dict, bed, args, stack: ExitStack, work: 
         path.mkdir(parents=True, exist_ok=True)
 
     puller = pod["initContainers"][0]
+    argv = on_this_cpu(local_command(puller, mounts), args.engine)
     step(f"running the pod's init container locally: {' '.join(puller['command'])}")
-    pulled = subprocess.run(local_command(puller, mounts), capture_output=True, text=True)
+    pulled = subprocess.run(argv, capture_output=True, text=True)
     if pulled.returncode != 0:
         raise QuickstartError(f"the model puller refused the artifact:\n{pulled.stderr or pulled.stdout}")
 
