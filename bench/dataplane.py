@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,9 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from llmserve.artifacts import client, gate, testmodels
-from llmserve.artifacts.manifest import ManifestError, Serving, pull, verify_version
+from llmserve.artifacts.manifest import Serving, pull
 from llmserve.predictors.local import LocalPredictor
-from llmserve.testbed.paths import cache_root
 from llmserve.testbed.procs import free_ports
 from llmserve.testbed.triton import TritonServer, engine_env
 
@@ -377,21 +375,6 @@ def measure(url: str, model: str, args) -> dict:
     return out
 
 
-def vllm_artifact(source: Path, name: str) -> Path:
-    """The version directory ``llmserve build --engine vllm`` publishes for ``source``, built
-    once into the cache (keyed by the source directory's name) and verified on reuse."""
-    repo = cache_root() / "bench-artifacts" / f"{source.name}-vllm" / "repo"
-    version = repo / name / "1"
-    try:
-        verify_version(version)
-        return version
-    except ManifestError:  # absent or damaged: build it afresh
-        shutil.rmtree(repo, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "llmserve", "build", str(source), "--repo", str(repo), "--model", name,
-                    "--engine", "vllm"], check=True)
-    return version
-
-
 @contextmanager
 def serve(system: str, source: Path, name: str, work: Path, args) -> Iterator[str]:
     """Start ``system`` on ``source`` and yield its OpenAI base URL."""
@@ -410,13 +393,14 @@ def serve(system: str, source: Path, name: str, work: Path, args) -> Iterator[st
               LocalPredictor(triton.grpc_url, name, max_concurrency=256, startup_timeout=300) as predictor):
             yield predictor.openai_base_url
         return
-    version = vllm_artifact(source, name)
+    built = testmodels.cached_build(source, name, "generate", args.vllm_variant, engine="vllm")
+    version = built.path
     engine_args = {**json.loads((version / "engine.json").read_text()), **VLLM_CPU_ENGINE_ARGS, **args.engine_args}
     os.environ.update(VLLM_ENV)  # tritonserver and its python backend stub inherit it
     if system == "vllm-triton":
         dest = work / "vllm"
-        pull(version.parent.parent, name, 1, dest, serving=Serving(engine="vllm", instance_kind="KIND_CPU",
-                                                                   engine_args=engine_args))
+        pull(built.repo, name, built.version, dest, serving=Serving(engine="vllm", instance_kind="KIND_CPU",
+                                                                    engine_args=engine_args))
         with (TritonServer(dest, {name: 1}, startup_timeout=900) as triton,  # in the engine env
               LocalPredictor(triton.grpc_url, name, max_concurrency=256, startup_timeout=300) as predictor):
             yield predictor.openai_base_url
@@ -496,6 +480,8 @@ def main() -> int:
     parser.add_argument("--mixes", type=lambda s: s.split(","), default=["short", "mixed"])
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--vllm-variant", choices=("bf16", "fp32"), default="bf16",
+                        help="weights of the vLLM artifact (bf16: what vLLM's CPU build runs best)")
     parser.add_argument("--engine-args", type=json.loads, default={},
                         help="JSON vLLM engine arguments over engine.json and the CPU defaults (both vLLM stacks)")
     parser.add_argument("--json", type=Path, help="also write the results here")
