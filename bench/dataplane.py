@@ -378,6 +378,7 @@ def measure(url: str, model: str, args) -> dict:
 @contextmanager
 def serve(system: str, source: Path, name: str, work: Path, args) -> Iterator[str]:
     """Start ``system`` on ``source`` and yield its OpenAI base URL."""
+    work.mkdir(parents=True, exist_ok=True)
     if system == "eager":
         baseline = Baseline("generate", source)
         try:
