@@ -293,7 +293,11 @@ async def reconcile(parent: dict, children: Children, client: KubeClient, images
         elif outcome.action == applier.UPDATED:
             updated.append(f"{applier.describe(desired)}: {', '.join(outcome.changed[:5])}")
     deleted = [f"{applier.describe(obj)}: {why}" for obj, why in decision.prune if await client.delete(obj)]
-    # One Event per kind of action, not per child: a new service is one "Created" Event.
+    # One Event per kind of action, not per child. The children of a brand-new service (no status
+    # yet) are announced by its Ready transition instead: a "Created" Event then only tells of a
+    # repair, and a new service costs one request less (the fleet's requests-per-service budget).
+    if not previous:
+        created = []
     for reason, done, sep in (("Created", created, ", "), ("Updated", updated, "; "), ("Deleted", deleted, "; ")):
         if done:
             await recorder.post(parent, "Normal", reason, f"{reason.lower()} {sep.join(done)}")
