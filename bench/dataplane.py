@@ -353,7 +353,9 @@ async def _level(url: str, model: str, prompts: list[str], streams: int, max_tok
     queue = list(reversed(prompts))
     results: list[Stream] = []
     limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as http:
+    # A stack whose engine died (the ONNX model's process OOM-killed) leaves streams open: ten
+    # minutes without a byte fails the level instead of hanging the run.
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0, read=600.0), limits=limits) as http:
         async def client():
             while queue:
                 results.append(await _stream(http, url, model, queue.pop(), max_tokens))
@@ -370,7 +372,10 @@ def measure(url: str, model: str, args) -> dict:
     for mix in args.mixes:
         for streams in args.streams:
             prompts = workload(mix, streams * args.requests_per_stream)
-            out[f"{mix}/{streams}"] = asyncio.run(_level(url, model, prompts, streams, args.max_tokens)).summary()
+            try:
+                out[f"{mix}/{streams}"] = asyncio.run(_level(url, model, prompts, streams, args.max_tokens)).summary()
+            except Exception as exc:  # noqa: BLE001 - reported in the table; later levels still run
+                out[f"{mix}/{streams}"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
             print(f"  {mix:>5} x {streams:<3} {out[f'{mix}/{streams}']}", file=sys.stderr, flush=True)
     return out
 
@@ -435,19 +440,21 @@ def print_generation(title: str, report: dict) -> None:
     for level in levels:
         for system in SYSTEMS:
             row = report.get(system, {}).get(level)
-            if row:
+            if row and "error" in row:
+                print(f"{level:>10} | {system:>11} | failed: {row['error']}")
+            elif row:
                 print(f"{level:>10} | {system:>11} | {row['tokens_per_s']:>8.1f} | {row['ttft_p50_ms']:>7.0f}ms | "
                       f"{row['ttft_p99_ms']:>7.0f}ms | {row['itl_p99_ms']:>6.0f}ms")
     print("goals (vllm-triton):")
     for label, level, metric, ours, theirs, bound in GOALS:
         a, b = report.get(ours, {}).get(level), report.get(theirs, {}).get(level)
-        if a and b:
+        if a and b and "error" not in a and "error" not in b:
             ratio = a[metric] / b[metric]
             met = ratio <= bound if metric.startswith("ttft") else ratio >= bound
             print(f"  {label}: {ratio:.2f}x ({'met' if met else 'NOT met'})")
     for level in levels:
         a, b = report.get("vllm-triton", {}).get(level), report.get("vllm", {}).get(level)
-        if a and b:
+        if a and b and "error" not in a and "error" not in b:
             ratio = a["tokens_per_s"] / b["tokens_per_s"]
             print(f"  within 15% of vLLM alone, {level}: {ratio:.2f}x ({'met' if ratio >= 0.85 else 'NOT met'})")
 
