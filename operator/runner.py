@@ -106,15 +106,19 @@ async def run(opts: Options) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    # The lease has its own connections: a burst of reconciles must never delay a renewal.
-    async with KubeClient(config) as client, KubeClient(config, max_inflight=2) as lease_client:
+    # The lease has its own connections: a burst of reconciles must never delay a renewal. Its
+    # requests time out after one renew period, as client-go bounds them, so one hung request
+    # leaves time for retries before the lease could pass to another replica.
+    renew_every = opts.lease_duration / 3
+    async with KubeClient(config) as client, \
+            KubeClient(config, max_inflight=2, timeout=renew_every) as lease_client:
         engine = Engine(client, opts.images, identity, prometheus_url=opts.prometheus_url,
                         prometheus_allowed=opts.prometheus_allowed,
                         max_concurrent=opts.max_concurrent_reconciles, namespaces=opts.namespaces)
         elector = None
         if opts.leader_election:
             elector = LeaseElector(lease_client, opts.lease_namespace or config.namespace, opts.lease_name,
-                                   identity, duration=opts.lease_duration, renew_every=opts.lease_duration / 3)
+                                   identity, duration=opts.lease_duration, renew_every=renew_every)
             client.may_write = elector.holds  # no write once the lease is lost or released
         health = await _serve_health(opts, engine, client, lambda: elector.holds() if elector else True)
         try:

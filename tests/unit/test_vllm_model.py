@@ -40,12 +40,12 @@ def test_tensor_inputs_and_extra_parameters_map_to_vllm_fields():
     assert settings == {
         "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "seed": 7, "stop": ["\n"], "top_k": 5, "n": 3,
         "logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": -0.5,
-        "structured_outputs": {"json": {"type": "object"}}, "logit_bias": {42: 5.0},
+        "structured_outputs": {"json": {"type": "object"}, "disable_any_whitespace": True}, "logit_bias": {42: 5.0},
     }
 
 
 @pytest.mark.parametrize("response_format, expected", [
-    ({"type": "json_object"}, {"structured_outputs": {"json_object": True}}),
+    ({"type": "json_object"}, {"structured_outputs": {"json_object": True, "disable_any_whitespace": True}}),
     ({"type": "text"}, {}),
 ])
 def test_response_formats(response_format, expected):

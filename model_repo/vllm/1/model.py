@@ -95,14 +95,16 @@ def _structured_output(response_format):
     kind = response_format["type"]
     if kind == "text":
         return None
+    # Compact JSON: a grammar that allows whitespace anywhere lets a model pad with blanks until
+    # max_tokens and never close the object (seen with small models); the JSON stays valid.
     if kind == "json_object":
-        return {"json_object": True}
+        return {"json_object": True, "disable_any_whitespace": True}
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise InvalidArgument("invalid argument: response_format.json_schema.schema must be a JSON object")
-        return {"json": schema}
+        return {"json": schema, "disable_any_whitespace": True}
     raise UnsupportedParameter(f"unsupported parameter: response_format type {kind!r} "
                                "(use text, json_object or json_schema)")
 
