@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -193,12 +194,24 @@ def _code_digest(kind: str, engine: str) -> str:
 def cached_build(source: Path, name: str, kind: str, variant: str, engine: str = "onnxruntime") -> BuiltModel:
     """Version 1 of `source` built as `name` for `engine`, from the cache when an intact build with
     the same source digest, variant and builder/model code exists."""
-    from .build import BuildRequest, build, source_sha256
+    from .build import source_sha256
 
     key = hashlib.sha256(
         f"{source_sha256(source)}|{variant}|{engine}|{_code_digest(kind, engine)}".encode()
     ).hexdigest()[:16]
     final = cache_root() / "test-artifacts" / f"{name}-{variant}-{key}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per key: a second run (another CI clone, a developer's pytest) waits for the
+    # first one's build instead of racing it to the same directory.
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _cached_build_locked(final, source, name, kind, variant, engine)
+
+
+def _cached_build_locked(final: Path, source: Path, name: str, kind: str, variant: str,
+                         engine: str) -> BuiltModel:
+    from .build import BuildRequest, build
+
     built = BuiltModel(final / "repo", name, 1, source)
     try:
         verify_version(built.path)
@@ -206,7 +219,6 @@ def cached_build(source: Path, name: str, kind: str, variant: str, engine: str =
         return built
     except ManifestError:
         shutil.rmtree(final, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
         build(BuildRequest(source=source, repo=tmp / "repo", model=name, kind=kind,

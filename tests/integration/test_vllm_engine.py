@@ -117,14 +117,10 @@ def test_n_choices_seeded_sampling_and_logprobs(server, tiny_vllm_artifact):
 
 
 def test_json_schema_structured_output_parses_and_fits(server, tiny_vllm_artifact):
-    from transformers import AutoTokenizer
-
-    # The tiny LM, trained on prose, would fill the JSON with the whitespace the grammar allows
-    # until max_tokens; a logit bias against whitespace keeps its answer compact.
-    tokenizer = AutoTokenizer.from_pretrained(tiny_vllm_artifact.path)
-    no_whitespace = {str(tokenizer.encode(ch)[0]): -100 for ch in " \t\n\r"}
+    # The tiny LM, trained on prose, pads JSON with any whitespace the grammar allows until
+    # max_tokens: the model's compact-JSON engine default is what lets it close the object.
     answer = ask(server, tiny_vllm_artifact.name, prompt="Is simple better than complex?", max_tokens=48,
-                 sampling_parameters={"logit_bias": no_whitespace, "response_format": {
+                 sampling_parameters={"response_format": {
                      "type": "json_schema", "json_schema": {"name": "choice", "schema": CHOICE}}})
     assert answer.error is None and answer.finish_reason == "stop"
     parsed = json.loads(answer.text)

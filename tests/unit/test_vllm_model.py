@@ -40,12 +40,12 @@ def test_tensor_inputs_and_extra_parameters_map_to_vllm_fields():
     assert settings == {
         "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "seed": 7, "stop": ["\n"], "top_k": 5, "n": 3,
         "logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": -0.5,
-        "structured_outputs": {"json": {"type": "object"}, "disable_any_whitespace": True}, "logit_bias": {42: 5.0},
+        "structured_outputs": {"json": {"type": "object"}}, "logit_bias": {42: 5.0},
     }
 
 
 @pytest.mark.parametrize("response_format, expected", [
-    ({"type": "json_object"}, {"structured_outputs": {"json_object": True, "disable_any_whitespace": True}}),
+    ({"type": "json_object"}, {"structured_outputs": {"json_object": True}}),
     ({"type": "text"}, {}),
 ])
 def test_response_formats(response_format, expected):
@@ -92,8 +92,12 @@ def test_engine_args_parameter_overrides_engine_json_but_never_the_model(tmp_pat
     (tmp_path / "engine.json").write_text('{"dtype": "bfloat16", "max_model_len": 2048}')
     settings = model.engine_settings(tmp_path, '{"max_model_len": 512, "model": "/elsewhere"}')
     assert settings == {"dtype": "bfloat16", "max_model_len": 512,
+                        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
                         "model": str(tmp_path), "tokenizer": str(tmp_path)}
     assert model.engine_settings(tmp_path, "")["max_model_len"] == 2048
+    # Compact JSON is a default the service's settings may change.
+    loose = model.engine_settings(tmp_path, '{"structured_outputs_config": {"disable_any_whitespace": false}}')
+    assert loose["structured_outputs_config"] == {"disable_any_whitespace": False}
 
 
 @pytest.mark.parametrize("parameter", ["[1]", "{"])

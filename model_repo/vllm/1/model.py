@@ -75,7 +75,12 @@ def engine_settings(version_dir, parameter):
     if not isinstance(overrides, dict):
         raise ValueError("config parameter engine_args must be a JSON object")
     overrides.pop("model", None)
-    return {**settings, **overrides, "model": str(version_dir), "tokenizer": str(version_dir)}
+    # Compact structured output by default: a JSON grammar that allows whitespace anywhere lets a
+    # model pad with blanks until max_tokens and never close the object (seen with small models).
+    # An engine setting in vLLM (xgrammar or guidance only), not a request field.
+    compact_json = {"backend": "xgrammar", "disable_any_whitespace": True}
+    return {"structured_outputs_config": compact_json, **settings, **overrides,
+            "model": str(version_dir), "tokenizer": str(version_dir)}
 
 
 def _number(name, value, low, high, *, integer=False, low_open=False):
@@ -95,16 +100,14 @@ def _structured_output(response_format):
     kind = response_format["type"]
     if kind == "text":
         return None
-    # Compact JSON: a grammar that allows whitespace anywhere lets a model pad with blanks until
-    # max_tokens and never close the object (seen with small models); the JSON stays valid.
     if kind == "json_object":
-        return {"json_object": True, "disable_any_whitespace": True}
+        return {"json_object": True}
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise InvalidArgument("invalid argument: response_format.json_schema.schema must be a JSON object")
-        return {"json": schema, "disable_any_whitespace": True}
+        return {"json": schema}
     raise UnsupportedParameter(f"unsupported parameter: response_format type {kind!r} "
                                "(use text, json_object or json_schema)")
 
@@ -239,6 +242,10 @@ class TritonPythonModel:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.metrics = EngineMetrics(args["model_name"], args["model_version"])
+        from vllm.config import StructuredOutputsConfig
+
+        if isinstance(settings.get("structured_outputs_config"), dict):
+            settings["structured_outputs_config"] = StructuredOutputsConfig(**settings["structured_outputs_config"])
         try:
             engine_args = AsyncEngineArgs(**settings)
         except TypeError as exc:
