@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import positive_float, positive_int, tcp_port
 from ..cli import CommandError
 
 DEFAULT_HTTP_PORT = 8080
@@ -30,16 +31,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="Triton's gRPC endpoint (in a pod: localhost:8001)")
     parser.add_argument("--model", required=True, metavar="NAME",
                         help="the Triton model to serve; also its model id in the OpenAI API")
-    parser.add_argument("--http-port", type=_port, default=DEFAULT_HTTP_PORT, metavar="PORT",
+    parser.add_argument("--http-port", type=tcp_port, default=DEFAULT_HTTP_PORT, metavar="PORT",
                         help=f"HTTP port, on all interfaces (default {DEFAULT_HTTP_PORT})")
-    parser.add_argument("--max-concurrency", type=_positive_int, default=DEFAULT_MAX_CONCURRENCY, metavar="N",
+    parser.add_argument("--max-concurrency", type=positive_int, default=DEFAULT_MAX_CONCURRENCY, metavar="N",
                         help="requests served at once; more are refused with 429 "
                              f"(default {DEFAULT_MAX_CONCURRENCY})")
-    parser.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
+    parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
                         help="the most completion tokens a request may ask for, and the budget of chat requests "
                              f"that name none (default {DEFAULT_MAX_TOKENS}; less when the model's config declares "
                              "a smaller context_length)")
-    parser.add_argument("--request-timeout", type=_positive_float, default=DEFAULT_REQUEST_TIMEOUT,
+    parser.add_argument("--request-timeout", type=positive_float, default=DEFAULT_REQUEST_TIMEOUT,
                         metavar="SECONDS",
                         help=f"deadline of each Triton call, whole streams included (default {DEFAULT_REQUEST_TIMEOUT:g})")
     parser.add_argument("--access-log", action="store_true",
@@ -70,29 +71,3 @@ def _predictor(args: argparse.Namespace) -> int:
     serve(args)
     return 0
 
-
-def _port(value: str) -> int:
-    port = _positive_int(value)
-    if port > 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port")
-    return port
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return number

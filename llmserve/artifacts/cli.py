@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..argtypes import positive_int
 from ..cli import CommandError
 from .manifest import ENGINE_MARKERS, INSTANCE_KINDS, ManifestError, Serving, pull, verify_version
 from .repository import PublishError, ServingConfig
@@ -39,12 +40,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="weights: fp32/fp16/int8 (dynamic)/w8/w4 (weight-only MatMulNBits, "
                             "scheme from the source's compress lineage) for onnxruntime, "
                             "fp32/bf16/fp16 for vllm")
-    build.add_argument("--version", type=_positive, help="version number (default: next)")
-    build.add_argument("--max-batch-size", type=_positive, default=32)
-    build.add_argument("--instances", type=_positive, default=1, help="model instances (CPU)")
+    build.add_argument("--version", type=positive_int, help="version number (default: next)")
+    build.add_argument("--max-batch-size", type=positive_int, default=32)
+    build.add_argument("--instances", type=positive_int, default=1, help="model instances (CPU)")
     build.add_argument("--queue-delay-us", type=int, default=2000,
                        help="dynamic batching: max wait to form a batch (microseconds)")
-    build.add_argument("--max-length", type=_positive, help="embedding: truncate inputs to N tokens")
+    build.add_argument("--max-length", type=positive_int, help="embedding: truncate inputs to N tokens")
     build.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                        help="extra config.pbtxt parameter, e.g. EXECUTION_ENV_PATH=... (repeatable)")
     build.add_argument("--eval-file", type=Path, help="evaluation texts, one per line")
@@ -59,7 +60,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     verify = sub.add_parser("verify", help="check a model version against its manifest")
     verify.add_argument("repo", type=Path)
     verify.add_argument("model")
-    verify.add_argument("version", type=_positive)
+    verify.add_argument("version", type=positive_int)
     verify.add_argument("--sha256", help="expected sha256 of manifest.json")
     verify.set_defaults(func=_verify)
 
@@ -70,7 +71,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "manifest. On any mismatch nothing is left in DEST.")
     pull_cmd.add_argument("--source", type=Path, required=True, help="source model repository")
     pull_cmd.add_argument("--model", required=True)
-    pull_cmd.add_argument("--version", type=_positive, required=True)
+    pull_cmd.add_argument("--version", type=positive_int, required=True)
     pull_cmd.add_argument("--sha256", help="expected sha256 of the version's manifest.json")
     pull_cmd.add_argument("--dest", type=Path, required=True, help="destination model repository")
     pull_cmd.add_argument("--engine", choices=sorted(set(ENGINE_MARKERS.values())),
@@ -81,16 +82,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           help="engine settings (a JSON object) to write into the installed config.pbtxt as "
                                "parameter engine_args")
     pull_cmd.set_defaults(func=_pull)
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return number
 
 
 def _json_object(value: str) -> dict:

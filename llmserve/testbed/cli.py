@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..argtypes import non_negative_int, positive_int
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     testbed = sub.add_parser(
@@ -17,8 +19,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     up = actions.add_parser("up", help="build (first time) and start a test bed")
     _name(up)
-    up.add_argument("--nodes", type=_positive, default=4, help="simulated GPU nodes (default 4)")
-    up.add_argument("--gpus", type=_non_negative, default=8, help="nvidia.com/gpu per node (default 8)")
+    up.add_argument("--nodes", type=positive_int, default=4, help="simulated GPU nodes (default 4)")
+    up.add_argument("--gpus", type=non_negative_int, default=8, help="nvidia.com/gpu per node (default 8)")
     up.add_argument("--taint", action="append", default=[], metavar="KEY=VALUE:EFFECT",
                     help="taint every node, e.g. nvidia.com/gpu=present:NoSchedule (repeatable)")
     up.set_defaults(func=_up)
@@ -62,20 +64,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _name(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="default", help="test bed name (default: default)")
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return n
-
-
-def _non_negative(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return n
 
 
 def _taint(text: str) -> dict:
