@@ -78,42 +78,42 @@ class LoadMetric:
         return Template(self.query).substitute(sel=sel, by=by)
 
 
+def _rate(series: str) -> str:
+    """Per-second increase of a Triton counter, summed over the selected pods."""
+    return f"sum by (${{by}}) (rate({series}{{${{sel}}}}[{RATE_WINDOW}]))"
+
+
+def _gauge(key: str, name: str, series: str, aggregate: str, meaning: str, *,
+           per_pod: bool = False, scale: str = "") -> LoadMetric:
+    """A signal read straight off one gauge, aggregated (`sum`, `avg`) over the selected pods."""
+    return LoadMetric(key, name, series, f"{scale}{aggregate} by (${{by}}) ({series}{{${{sel}}}})",
+                      per_pod=per_pod, meaning=meaning)
+
+
 METRICS = {m.key: m for m in (
     LoadMetric(
         "queueComputeRatio", "llmserve_queue_compute_ratio", "nv_inference_queue_duration_us",
-        f"sum by (${{by}}) (rate(nv_inference_queue_duration_us{{${{sel}}}}[{RATE_WINDOW}]))"
-        f" / clamp_min(sum by (${{by}}) (rate(nv_inference_compute_infer_duration_us{{${{sel}}}}[{RATE_WINDOW}])), 1)",
+        f"{_rate('nv_inference_queue_duration_us')}"
+        f" / clamp_min({_rate('nv_inference_compute_infer_duration_us')}, 1)",
         per_pod=False,
         meaning="time requests spent queued per unit of time spent computing, over all pods (1 = "
                 "as long in the queue as on the GPU)"),
     LoadMetric(
         "queueLatency", "llmserve_queue_seconds", "nv_inference_queue_duration_us",
-        f"sum by (${{by}}) (rate(nv_inference_queue_duration_us{{${{sel}}}}[{RATE_WINDOW}])) / 1e6"
-        f" / clamp_min(sum by (${{by}}) (rate(nv_inference_request_success{{${{sel}}}}[{RATE_WINDOW}])), 0.001)",
+        f"{_rate('nv_inference_queue_duration_us')} / 1e6"
+        f" / clamp_min({_rate('nv_inference_request_success')}, 0.001)",
         per_pod=False,
         meaning="average seconds a request waited in Triton's queue (target e.g. 100m = 100 ms)"),
-    LoadMetric(
-        "pendingRequests", "llmserve_pending_requests", "nv_inference_pending_request_count",
-        "sum by (${by}) (nv_inference_pending_request_count{${sel}})",
-        per_pod=True,
-        meaning="requests received and not yet answered, per pod"),
-    LoadMetric(
-        "gpuUtilization", "llmserve_gpu_utilization", "nv_gpu_utilization",
-        "100 * avg by (${by}) (nv_gpu_utilization{${sel}})",
-        per_pod=False,
-        meaning="average GPU utilization of the service's pods, in percent (target e.g. 80)"),
+    _gauge("pendingRequests", "llmserve_pending_requests", "nv_inference_pending_request_count", "sum",
+           "requests received and not yet answered, per pod", per_pod=True),
+    _gauge("gpuUtilization", "llmserve_gpu_utilization", "nv_gpu_utilization", "avg",
+           "average GPU utilization of the service's pods, in percent (target e.g. 80)", scale="100 * "),
     # The engine's own view (docs/engines.md#metrics): an LLM engine batches inside the model, so
     # Triton's queue stays empty while requests wait for a batch slot or for KV-cache room.
-    LoadMetric(
-        "waitingRequests", "llmserve_waiting_requests", "vllm:num_requests_waiting",
-        "sum by (${by}) (vllm:num_requests_waiting{${sel}})",
-        per_pod=True,
-        meaning="requests the engine holds waiting for a batch slot or KV-cache room, per pod"),
-    LoadMetric(
-        "kvCacheUsage", "llmserve_kv_cache_usage", "vllm:kv_cache_usage_perc",
-        "avg by (${by}) (vllm:kv_cache_usage_perc{${sel}})",
-        per_pod=False,
-        meaning="average fraction of the engine's KV cache in use over the service's pods (target e.g. 800m)"),
+    _gauge("waitingRequests", "llmserve_waiting_requests", "vllm:num_requests_waiting", "sum",
+           "requests the engine holds waiting for a batch slot or KV-cache room, per pod", per_pod=True),
+    _gauge("kvCacheUsage", "llmserve_kv_cache_usage", "vllm:kv_cache_usage_perc", "avg",
+           "average fraction of the engine's KV cache in use over the service's pods (target e.g. 800m)"),
 )}
 
 
