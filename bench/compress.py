@@ -9,10 +9,17 @@ otherwise) and measures:
 - size: bytes of the HF weights (safetensors, fp32) and of the ONNX artifact;
 - output tokens/s of the ONNX engine's own generation loop (the shipped model_repo/generate
   model.py, continuous batching) at `--streams` concurrent greedy streams of `--tokens` tokens,
-  and the peak resident memory of that process (each row in a fresh child process).
+  and the peak resident memory of that process (each row in a fresh child process);
+- with `--engines vllm`: output tokens/s of vLLM's CPU build (bf16 artifact, OpenAI server,
+  `--streams` streams of short prompts, 2 requests each, `--tokens` tokens) through
+  bench/dataplane.py's serving and measuring code, with its engine arguments (enforce_eager,
+  2 GiB KV cache, VLLM_CPU_NUM_OF_RESERVED_CPU=0);
+- peak resident memory of the compression step (each row compresses in a child process).
 
-vLLM rows are not measured here yet (the compressed-tensors formats need llmcompressor, which
-needs its own environment: docs/compression.md).
+A refused row is still measured for speed (its model is kept in the benchmark's temporary
+directory only), so a structural cut's speed can be weighed against its quality; the
+pruned+distilled row also reports the share of the pruned row's perplexity gap that
+distillation closed.
 
 SmolLM2 here is de-quantized from a Q4_1 GGUF: its weights already sit on a 4-bit grid
 (asymmetric, blocks of 32), which flatters any 4-bit result; the table says so.
@@ -33,7 +40,6 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "compress.json"
-TEACHER_LOGITS: dict = {}  # the teacher's held-out logits, computed by the first row only
 
 # name -> (compress methods, ONNX build variant); baseline: the source itself.
 ROWS = {
@@ -42,7 +48,7 @@ ROWS = {
     "int4": (["quantize-int4"], "w4"),
     "2of4": (["prune-2of4:score=wanda"], "fp32"),
     "pruned": (["drop-layers:count={drop}"], "fp32"),
-    "pruned+distilled": (["drop-layers:count={drop}", "distill:steps={steps},batch=4,seq_len=128"], "fp32"),
+    "pruned+distilled": (["drop-layers:count={drop}", "distill:steps={steps},{distill}"], "fp32"),
 }
 
 _THROUGHPUT = r"""
@@ -74,39 +80,95 @@ def throughput(version_dir: Path, streams: int, tokens: int) -> dict:
     return result | {"tokens_per_s": result["tokens"] / result["seconds"]}
 
 
-def bench_row(name: str, source: Path, work: Path, args) -> dict:
-    from llmserve.artifacts.build import BuildRequest, build
+def compress_child(source: Path, out: Path, methods: list[str]) -> dict:
+    """One row's compression (run in a child process, so its peak memory is its own): the gate's
+    record, and the model in `out` even when the gate refused it (for the speed columns)."""
+    import resource
+
     from llmserve.compress.pipeline import CompressError, CompressRequest, compress
 
+    start, row = time.monotonic(), {}
+    try:
+        row["gate"] = compress(CompressRequest(source=source, out=out, methods=methods))["gate"]
+    except CompressError as exc:
+        row |= {"gate": exc.gate, "refused": str(exc)}
+        if exc.refused is not None:
+            model, tokenizer = exc.refused
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+    return row | {"compress_s": time.monotonic() - start,
+                  "compress_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def vllm_throughput(model_dir: Path, name: str, work: Path, streams: int, tokens: int) -> dict:
+    """Output tokens/s of vLLM's CPU build on `model_dir` (bf16 artifact, OpenAI server): the
+    serving and measuring code of bench/dataplane.py, short prompts, 2 requests per stream."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import dataplane
+
+    opts = argparse.Namespace(vllm_variant="bf16", engine_args={}, mixes=["short"], streams=[streams],
+                              requests_per_stream=2, max_tokens=tokens)
+    with dataplane.serve("vllm", model_dir, name, work, opts) as url:
+        return dataplane.measure(url, name, opts)[f"short/{streams}"]
+
+
+def bench_row(name: str, source: Path, work: Path, args) -> dict:
+    from llmserve.artifacts.build import BuildRequest, build
+
     methods, variant = ROWS[name]
-    methods = [m.format(drop=args.drop, steps=args.steps) for m in methods]
+    methods = [m.format(drop=args.drop, steps=args.steps, distill=args.distill) for m in methods]
     row = {"row": name, "methods": methods, "variant": variant}
-    model_dir, start = source, time.monotonic()
+    model_dir = source
     if methods:
         model_dir = work / name
-        try:
-            result = compress(CompressRequest(source=source, out=model_dir, methods=methods,
-                                              teacher_logits=TEACHER_LOGITS))
-            row["gate"] = result["gate"]
-        except CompressError as exc:
-            row |= {"gate": exc.gate, "refused": str(exc), "compress_s": time.monotonic() - start}
-            return row
-    row["compress_s"] = time.monotonic() - start
-    if args.gate_only:
+        done = subprocess.run([sys.executable, __file__, "--compress-child", str(source), str(model_dir),
+                               *methods], stdout=subprocess.PIPE, text=True, check=True)
+        row |= json.loads(done.stdout.strip().splitlines()[-1])
+    if args.gate_only or not (model_dir / "config.json").is_file():
         return row
     row["hf_weight_bytes"] = _dir_bytes(model_dir, "*.safetensors")
-    built = build(BuildRequest(source=model_dir, repo=work / "repo", model=name.replace("+", "-"),
-                               kind="generate", variant=variant))
-    row["onnx_bytes"] = _dir_bytes(built.path, "model.onnx*")
-    row["build_accuracy"] = built.accuracy
-    row["engine_onnx"] = throughput(built.path, args.streams, args.tokens)
+    model_name = name.replace("+", "-")
+    if "vllm" in args.engines:
+        row["engine_vllm"] = vllm_throughput(model_dir, model_name, work / f"{model_name}-vllm",
+                                             args.streams, args.tokens)
+    if "onnx" in args.engines:
+        built = build(BuildRequest(source=model_dir, repo=work / "repo", model=model_name,
+                                   kind="generate", variant=variant))
+        row["onnx_bytes"] = _dir_bytes(built.path, "model.onnx*")
+        row["build_accuracy"] = built.accuracy
+        row["engine_onnx"] = throughput(built.path, args.streams, args.tokens)
     return row
+
+
+def gap_closed(teacher_ppl: float, pruned_ppl: float, distilled_ppl: float) -> float:
+    """The share of pruning's perplexity gap over the teacher that distillation closed
+    (1: back to the teacher's perplexity, 0: no better than pruning alone)."""
+    return (pruned_ppl - distilled_ppl) / (pruned_ppl - teacher_ppl)
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """vLLM tokens/s of each row over the teacher's, and the perplexity gap distillation closed."""
+    by_name = {r["row"]: r for r in rows}
+    lines = []
+    teacher = (by_name.get("baseline") or {}).get("engine_vllm", {}).get("tokens_per_s")
+    for r in rows:
+        tps = r.get("engine_vllm", {}).get("tokens_per_s")
+        if teacher and tps and r["row"] != "baseline":
+            lines.append(f"{r['row']}: {tps / teacher:.2f}x the teacher's vLLM tokens/s")
+    pruned = ((by_name.get("pruned") or {}).get("gate") or {}).get("metrics")
+    distilled = ((by_name.get("pruned+distilled") or {}).get("gate") or {}).get("metrics")
+    if pruned and distilled:
+        closed = gap_closed(pruned["teacher_ppl"], pruned["candidate_ppl"], distilled["candidate_ppl"])
+        lines.append(f"perplexity gap closed by distillation: {closed:.2f} (teacher "
+                     f"{pruned['teacher_ppl']:.2f}, pruned {pruned['candidate_ppl']:.2f}, "
+                     f"pruned+distilled {distilled['candidate_ppl']:.2f})")
+    return lines
 
 
 def table(rows: list[dict], source_note: str) -> str:
     lines = [f"source: {source_note}",
              f"{'row':18} {'KL':>7} {'ppl +%':>7} {'conf.agr':>8} {'gate':>7} {'HF MB':>7} "
-             f"{'ONNX MB':>8} {'tok/s':>7} {'peak MB':>8}"]
+             f"{'ONNX MB':>8} {'tok/s':>7} {'peak MB':>8} {'vLLM t/s':>8} {'cmp MB':>7}"]
     for r in rows:
         m = (r.get("gate") or {}).get("metrics") or {}
         eng = r.get("engine_onnx") or {}
@@ -116,18 +178,27 @@ def table(rows: list[dict], source_note: str) -> str:
             f"{100 * m.get('ppl_increase', float('nan')):7.2f} "
             f"{m.get('confident_agreement', float('nan')):8.4f} {verdict:>7} "
             f"{r.get('hf_weight_bytes', 0) / 1e6:7.1f} {r.get('onnx_bytes', 0) / 1e6:8.1f} "
-            f"{eng.get('tokens_per_s', float('nan')):7.1f} {eng.get('peak_rss_mb', float('nan')):8.0f}")
-    return "\n".join(lines)
+            f"{eng.get('tokens_per_s', float('nan')):7.1f} {eng.get('peak_rss_mb', float('nan')):8.0f} "
+            f"{r.get('engine_vllm', {}).get('tokens_per_s', float('nan')):8.1f} "
+            f"{r.get('compress_peak_rss_mb', float('nan')):7.0f}")
+    return "\n".join(lines + ratios(rows))
 
 
 def main() -> int:
+    if len(sys.argv) > 3 and sys.argv[1] == "--compress-child":
+        print(json.dumps(compress_child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, help="HF causal LM directory (default: SmolLM2)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--drop", type=int, default=6, help="layers dropped by the pruned rows")
-    parser.add_argument("--steps", type=int, default=150, help="distillation steps")
+    parser.add_argument("--drop", type=int, default=10, help="layers dropped by the pruned rows")
+    parser.add_argument("--steps", type=int, default=400, help="distillation steps")
+    parser.add_argument("--distill", default="batch=8,seq_len=128,lr=3e-4",
+                        help="further distill parameters of the pruned+distilled row")
+    parser.add_argument("--engines", type=lambda s: s.split(","), default=["onnx"],
+                        help="engines whose tokens/s to measure: onnx, vllm (comma-separated)")
     parser.add_argument("--gate-only", action="store_true", help="compress and gate; no builds")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -20,7 +20,9 @@ Qwen2, SmolLM); any other architecture is refused with a clear message.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -323,37 +325,76 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return alpha * t * t * kl + (1 - alpha) * ce
 
 
+def cpu_threads() -> int:
+    """CPUs this process may run on (its affinity, which a container's cpuset narrows), for
+    torch's intra-op pool: more threads than CPUs only adds contention."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def training_batch(ids: torch.Tensor, length: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """`batch` random windows of `length` tokens from the token stream `ids` ([batch, length])."""
+    starts = torch.randint(0, len(ids) - length + 1, (batch,), generator=gen)
+    return torch.stack([ids[s:s + length] for s in starts])
+
+
+def eta_line(step: int, steps: int, loss: float, elapsed: float) -> str:
+    """One progress line: step, loss, seconds per step and the time left at that pace."""
+    per_step = elapsed / step
+    return (f"distill: step {step}/{steps} loss {loss:.4f} ({per_step:.2f} s/step, "
+            f"{elapsed:.0f}s elapsed, ~{per_step * (steps - step):.0f}s left)")
+
+
 def _distill(model, params: dict, ctx: Context):
+    """Student training on the CPU, made cheap where it costs no quality: bf16 autocast (AVX512-BF16
+    / AMX run it natively; master weights and AdamW stay fp32), the teacher as a bf16 copy run once
+    per batch under inference mode, the tied embedding/lm_head frozen (the student keeps the
+    teacher's vocabulary geometry, and the largest weight gradient and its AdamW state go away),
+    and torch's threads sized to the CPUs this process may use."""
     if not 0 <= params["alpha"] <= 1 or params["temperature"] <= 0 or params["steps"] < 1:
         raise MethodError("distill: needs steps >= 1, temperature > 0 and 0 <= alpha <= 1")
     ids = torch.tensor(ctx.tokenizer(ctx.train_text, add_special_tokens=False)["input_ids"])
     length = params["seq_len"] + 1
     if len(ids) < length * 2:
         raise MethodError(f"distill: training text too short ({len(ids)} tokens)")
+    torch.set_num_threads(cpu_threads())
+    dtype = torch.bfloat16 if params["bf16"] else torch.float32
+    teacher = copy.deepcopy(ctx.teacher).to(dtype).eval() if params["bf16"] else ctx.teacher
+    embeddings = model.get_input_embeddings().weight
+    embeddings.requires_grad_(not params["freeze_embeddings"])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ctx.progress(f"distill: {sum(p.numel() for p in trained) / 1e6:.1f}M of "
+                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters trained, "
+                 f"{len(ids)} training tokens, {params['batch']}x{params['seq_len']} tokens per step, "
+                 f"{'bf16' if params['bf16'] else 'fp32'}, {torch.get_num_threads()} threads")
     gen = torch.Generator().manual_seed(params["seed"])
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], weight_decay=0.0)
+    opt = torch.optim.AdamW(trained, lr=params["lr"], weight_decay=0.0)
     warmup = max(1, params["steps"] // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / params["steps"])))
-    start, report = time.monotonic(), max(1, params["steps"] // 10)
-    for step in range(params["steps"]):
-        starts = torch.randint(0, len(ids) - length, (params["batch"],), generator=gen)
-        batch = torch.stack([ids[s:s + length] for s in starts])
+    start = last_report = time.monotonic()
+    for step in range(1, params["steps"] + 1):
+        batch = training_batch(ids, length, params["batch"], gen)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        with torch.no_grad():
-            teacher_logits = ctx.teacher(input_ids=inputs).logits
-        loss = distill_loss(model(input_ids=inputs).logits, teacher_logits, targets,
+        with torch.inference_mode():
+            teacher_logits = teacher(input_ids=inputs).logits.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params["bf16"]):
+            student_logits = model(input_ids=inputs).logits
+        loss = distill_loss(student_logits.float(), teacher_logits, targets,
                             params["temperature"], params["alpha"])
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % report == 0 or step == 0:
-            elapsed = time.monotonic() - start
-            ctx.progress(f"distill: step {step + 1}/{params['steps']} loss {loss.item():.4f} "
-                         f"({elapsed:.0f}s, ~{elapsed / (step + 1) * (params['steps'] - step - 1):.0f}s left)")
+        now = time.monotonic()
+        if step in (1, params["steps"]) or now - last_report >= 30:
+            last_report = now
+            ctx.progress(eta_line(step, params["steps"], loss.item(), now - start))
+    embeddings.requires_grad_(True)
     return model.eval()
 
 
@@ -369,6 +410,7 @@ METHODS = {
     "narrow-mlp": Method("narrow-mlp", {"keep": 0.75, "multiple": 16}, _narrow_mlp,
                          "keep this fraction of each MLP's neurons (by activation x weight)"),
     "distill": Method("distill", {"steps": 200, "batch": 8, "seq_len": 128, "lr": 1e-4,
-                                  "temperature": 2.0, "alpha": 0.5, "seed": 0}, _distill,
+                                  "temperature": 2.0, "alpha": 0.5, "seed": 0, "bf16": True,
+                                  "freeze_embeddings": True}, _distill,
                       "train on the teacher's soft labels (KL) plus cross-entropy"),
 }

@@ -21,11 +21,13 @@ from .methods import METHODS, Context, MethodError, parse
 
 class CompressError(Exception):
     """Printed as one line by the CLI; nothing was written. A gate refusal carries the gate's
-    record (`gate`), so a benchmark can still report what was measured."""
+    record (`gate`) and the refused model with its tokenizer (`refused`, in memory only), so a
+    benchmark can still report what was measured and how fast the refused model would be."""
 
-    def __init__(self, message: str, gate: dict | None = None):
+    def __init__(self, message: str, gate: dict | None = None, refused: tuple | None = None):
         super().__init__(message)
         self.gate = gate
+        self.refused = refused
 
 
 @dataclass
@@ -131,7 +133,8 @@ def compress(req: CompressRequest) -> dict:
                        for k, v in metrics.items()))
     if not record["passed"]:
         raise CompressError(f"gate ({thresholds.family}) refused the compressed model: "
-                            f"{'; '.join(record['failures'])}; nothing was written", record)
+                            f"{'; '.join(record['failures'])}; nothing was written", record,
+                            refused=(model, tokenizer))
 
     result = lineage.extend(parent, {"path": str(req.source.resolve()), "sha256": digest},
                             applied)

@@ -12,9 +12,12 @@ from llmserve.compress.methods import (
     METHODS,
     Context,
     MethodError,
+    cpu_threads,
     distill_loss,
+    eta_line,
     fake_quantize,
     parse,
+    training_batch,
 )
 
 
@@ -108,6 +111,36 @@ def test_distill_loss_is_cross_entropy_when_alpha_is_zero_and_zero_kl_on_itself(
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1))
     assert torch.allclose(distill_loss(logits, logits, targets, 2.0, 0.0), ce)
     assert distill_loss(logits, logits, targets, 2.0, 1.0).abs() < 1e-5
+
+
+def test_training_batch_takes_whole_windows_of_the_stream():
+    ids = torch.arange(10)
+    batch = training_batch(ids, 4, 50, torch.Generator().manual_seed(0))
+    assert batch.shape == (50, 4)
+    assert (batch[:, 1:] - batch[:, :-1] == 1).all()  # consecutive tokens
+    assert batch.min() >= 0 and batch.max() == 9  # the last window is reachable, none runs off
+
+
+def test_eta_line_reports_pace_and_time_left():
+    assert eta_line(10, 100, 1.23456, 20.0) == (
+        "distill: step 10/100 loss 1.2346 (2.00 s/step, 20s elapsed, ~180s left)")
+
+
+def test_cpu_threads_is_at_least_one():
+    assert cpu_threads() >= 1
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_distill_trains_the_student_but_not_the_tied_embeddings(model, ctx, bf16):
+    student = METHODS["drop-layers"].run(model, {"count": 0, "layers": "1"}, ctx)
+    embeddings = student.get_input_embeddings().weight.detach().clone()
+    mlp = student.model.layers[0].mlp.up_proj.weight.detach().clone()
+    _, params = parse(f"distill:steps=2,batch=2,seq_len=16,lr=1e-2,bf16={bf16}")
+    trained = METHODS["distill"].run(student, params, ctx)
+    assert torch.equal(trained.get_input_embeddings().weight, embeddings)
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, mlp)
+    assert trained.get_input_embeddings().weight.requires_grad  # restored after training
+    assert next(trained.parameters()).dtype == torch.float32  # master weights stay fp32
 
 
 def test_lineage_chain_keeps_the_first_teacher():
