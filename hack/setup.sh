@@ -35,4 +35,14 @@ echo "[setup] ONNX Runtime engine environment (llmserve testbed engine-env onnxr
 # Skipped in seconds when current; the first time downloads torch and vLLM's dependencies (~10 GB).
 echo "[setup] vLLM engine environment (llmserve testbed engine-env vllm)" >&2
 "$VENV/bin/llmserve" testbed engine-env vllm
+# The compression environment `llmserve compress --method w8a8|w4a16` runs llmcompressor in
+# (hack/engine-compress.txt says why it is separate). Skipped when its stamp matches the list.
+COMPRESS_ENV="${LLMSERVE_COMPRESS_ENV:-$HOME/.cache/llmserve/engine-compress}"
+COMPRESS_STAMP="$(sha256sum hack/engine-compress.txt | cut -d' ' -f1)"
+if [ "$(cat "$COMPRESS_ENV/.llmserve-requirements.sha256" 2>/dev/null)" != "$COMPRESS_STAMP" ]; then
+  echo "[setup] compression environment $COMPRESS_ENV (llmcompressor; first time downloads torch)" >&2
+  [ -x "$COMPRESS_ENV/bin/python" ] || "$VENV/bin/python" -m venv "$COMPRESS_ENV"
+  "$COMPRESS_ENV/bin/python" -m pip install -q --progress-bar off -r hack/engine-compress.txt
+  echo "$COMPRESS_STAMP" > "$COMPRESS_ENV/.llmserve-requirements.sha256"
+fi
 echo "[setup] done: activate with  source $VENV/bin/activate" >&2

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmserve.compress import lineage
+from llmserve.compress.oneshot import quantization_format
 from llmserve.testbed.triton import engine_env
 
 from . import gate as gates
@@ -109,26 +110,41 @@ def build_vllm(req: BuildRequest) -> BuildResult:
                              "--engine onnxruntime")
         name = check_model_name(req.model or source.name)
         check_version_free(req.repo, name, req.version)
+        quantized = quantization_format(json.loads((source / "config.json").read_text()))
+        if quantized and quantized["gpu_only"] and not torch.cuda.is_available():
+            raise BuildError(f"{source}: its {quantized['scheme']} checkpoint is GPU-only "
+                             f"({quantized['reason']}); the gate runs vLLM on this machine, which has "
+                             "no GPU: build it where one is, or compress with w8a8 or w4a16 for CPUs")
         digest = source_sha256(source)
-    progress(f"causal LM {name!r} for vLLM, variant {req.variant}, source sha256 {digest[:16]}...")
+    checkpoint = f", {quantized['scheme']} checkpoint ({quantized['reason']})" if quantized else ""
+    progress(f"causal LM {name!r} for vLLM, variant {req.variant}{checkpoint}, "
+             f"source sha256 {digest[:16]}...")
     model_code, config_template = shipped_vllm_files()
     staged = staging_dir(req.repo, name)
     try:
-        with _Stage("load the PyTorch reference"):
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if quantized:
+            model = None  # the reference runs in the compression environment (see _gate)
+            with _Stage("copy the compressed-tensors checkpoint as is (vLLM reads its quantization_config)"):
+                for path in source.iterdir():
+                    if path.is_file():
+                        shutil.copyfile(path, staged / path.name)
+        else:
+            with _Stage("load the PyTorch reference"):
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
         with _Stage(f"save Hugging Face files ({req.variant} safetensors, tokenizer, chat template)"):
-            served = model if req.variant == "fp32" else AutoModelForCausalLM.from_pretrained(
-                source, dtype=VLLM_VARIANTS[req.variant])
-            served.save_pretrained(staged, safe_serialization=True)
-            del served
-            tokenizer.save_pretrained(staged)
+            if not quantized:
+                served = model if req.variant == "fp32" else AutoModelForCausalLM.from_pretrained(
+                    source, dtype=VLLM_VARIANTS[req.variant])
+                served.save_pretrained(staged, safe_serialization=True)
+                del served
+                tokenizer.save_pretrained(staged)
             shutil.copyfile(model_code, staged / "model.py")
             for path in staged.iterdir():  # safetensors are written 0600; the pod's user must read them
                 path.chmod(0o644)
             engine_args = default_engine_args(config, req.variant)
             (staged / ENGINE_FILE).write_text(json.dumps(engine_args, indent=2, sort_keys=True) + "\n")
-        metrics = _gate(req, model, tokenizer, staged)
+        metrics = _gate(req, model, tokenizer, staged, source)
         failures = req.thresholds.check(metrics)
         accuracy = {**metrics, "thresholds": asdict(req.thresholds), "passed": not failures}
         progress("accuracy: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -155,7 +171,10 @@ def build_vllm(req: BuildRequest) -> BuildResult:
     return BuildResult(name, version, path, manifest_sha, accuracy)
 
 
-def _gate(req: BuildRequest, model, tokenizer, staged: Path) -> dict:
+def _gate(req: BuildRequest, model, tokenizer, staged: Path, source: Path) -> dict:
+    """vLLM's next tokens and greedy continuations against the PyTorch reference: `model`, or for
+    a compressed-tensors checkpoint (`model` None) the checkpoint de-compressed by
+    compressed-tensors in the compression environment."""
     texts = req.eval_texts or gates.LM_TEXTS
     prompts = gates.LM_PROMPTS if req.eval_texts is None else [t[:64] for t in texts]
     teacher_forced = [tokenizer(t)["input_ids"][:256] for t in texts]
@@ -163,19 +182,55 @@ def _gate(req: BuildRequest, model, tokenizer, staged: Path) -> dict:
     with _Stage(f"accuracy gate: vLLM on the staged version ({len(texts)} texts, "
                 f"{len(prompts)} prompts x {GATE_NEW_TOKENS} tokens)"):
         served = run_vllm_gate(staged, teacher_forced, greedy_prompts)
+    generation = model.generation_config if model is not None else _generation_config(source)
+    eos = generation.eos_token_id
+    eos_ids = sorted({*([eos] if isinstance(eos, int) else eos or []),
+                      *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+    if model is None:
+        with _Stage("accuracy gate: PyTorch reference (compressed-tensors, compression environment)"):
+            reference = _compressed_reference(source, teacher_forced, greedy_prompts, eos_ids)
+        reference_next = [np.array(ids) for ids in reference["next_tokens"]]
+        reference_greedy = reference["greedy"]
+    else:
+        reference_next, reference_greedy = _torch_reference(model, teacher_forced, greedy_prompts, eos_ids)
+    candidate_next = [np.array(ids) for ids in served["next_tokens"]]
+    candidate_greedy = [[t for t in ids if t not in eos_ids] for ids in served["greedy"]]
+    return {**gates.next_token_agreement(reference_next, candidate_next),
+            **gates.greedy_agreement(reference_greedy, candidate_greedy)}
+
+
+def _generation_config(source: Path):
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source)
+    except OSError:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(source))
+
+
+def _compressed_reference(source: Path, teacher_forced, greedy_prompts, eos_ids) -> dict:
+    from llmserve.compress import oneshot
+
+    with tempfile.TemporaryDirectory(prefix="llmserve-ct-reference-") as tmp:
+        result = Path(tmp) / "result.json"
+        try:
+            oneshot.run_job({"mode": "reference", "model_dir": str(source), "result": str(result),
+                             "teacher_forced": teacher_forced, "greedy": greedy_prompts,
+                             "max_new_tokens": GATE_NEW_TOKENS, "eos_ids": eos_ids},
+                            Path(tmp), progress)
+        except oneshot.OneshotError as exc:
+            raise BuildError(f"the compressed-tensors reference failed: {exc}") from None
+        return json.loads(result.read_text())
+
+
+def _torch_reference(model, teacher_forced, greedy_prompts, eos_ids):
     with _Stage("accuracy gate: PyTorch reference"), torch.no_grad():
         reference_next = [model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).numpy()
                           for ids in teacher_forced]
-        eos = model.generation_config.eos_token_id
-        eos_ids = sorted({*([eos] if isinstance(eos, int) else eos or []),
-                          *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
         reference_greedy = []
         for ids in greedy_prompts:
             out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=GATE_NEW_TOKENS, do_sample=False,
                                  eos_token_id=eos_ids or None, pad_token_id=(eos_ids or [0])[0])
             reference_greedy.append([t for t in out[0, len(ids):].tolist() if t not in eos_ids])
-    candidate_next = [np.array(ids) for ids in served["next_tokens"]]
-    candidate_greedy = [[t for t in ids if t not in eos_ids] for ids in served["greedy"]]
-    return {**gates.next_token_agreement(reference_next, candidate_next),
-            **gates.greedy_agreement(reference_greedy, candidate_greedy)}
+    return reference_next, reference_greedy

@@ -96,6 +96,9 @@ METHOD_FAMILY = {
     "drop-layers": "structured",
     "narrow-mlp": "structured",
     "distill": None,
+    "w8a8": "quantization-8bit",
+    "w8a8-fp8": "quantization-8bit",
+    "w4a16": "quantization-4bit",
 }
 _ORDER = list(FAMILIES)
 

@@ -61,6 +61,9 @@ class Method:
     defaults: dict
     run: Callable
     help: str
+    # Run by llmcompressor in the compression environment after every in-process method (its
+    # `run` here only checks that the method fits the model); see oneshot.py.
+    oneshot: bool = False
 
 
 def parse(spec: str) -> tuple[str, dict]:
@@ -398,6 +401,26 @@ def _distill(model, params: dict, ctx: Context):
     return model.eval()
 
 
+def _check_oneshot(name: str):
+    def check(model, params: dict, ctx: Context):
+        from . import oneshot
+
+        decoder_layers(model)
+        if name in oneshot.GPU_ONLY and not torch.cuda.is_available():
+            raise MethodError(f"{name} is GPU-only: {oneshot.GPU_ONLY[name]}; this machine has no "
+                              "GPU (on vLLM's CPU build use w8a8 or w4a16)")
+        if name == "w4a16":
+            try:
+                oneshot.check_group_size(params["group_size"], oneshot.linear_input_sizes(model.config))
+            except ValueError as exc:
+                raise MethodError(str(exc)) from None
+        return model
+
+    return check
+
+
+_ONESHOT_COMMON = {"dampening": 0.01, "samples": 64, "seq_len": 256, "keep": "lm_head"}
+
 METHODS = {
     "quantize-int8": Method("quantize-int8", {"block_size": 32, "symmetric": True, "keep": "lm_head"},
                             _quantize(8), "weight-only int8, per block of input channels"),
@@ -413,4 +436,14 @@ METHODS = {
                                   "temperature": 2.0, "alpha": 0.5, "seed": 0, "bf16": True,
                                   "freeze_embeddings": True}, _distill,
                       "train on the teacher's soft labels (KL) plus cross-entropy"),
+    "w8a8": Method("w8a8", {"smoothing_strength": 0.8, **_ONESHOT_COMMON}, _check_oneshot("w8a8"),
+                   "compressed-tensors int8 weights (GPTQ, per channel) and dynamic per-token int8 "
+                   "activations after SmoothQuant, for vLLM", oneshot=True),
+    "w4a16": Method("w4a16", {"group_size": 128, "symmetric": True, **_ONESHOT_COMMON},
+                    _check_oneshot("w4a16"),
+                    "compressed-tensors int4 weights per group (GPTQ), 16-bit activations, for vLLM",
+                    oneshot=True),
+    "w8a8-fp8": Method("w8a8-fp8", {"keep": "lm_head"}, _check_oneshot("w8a8-fp8"),
+                       "compressed-tensors FP8 weights and dynamic FP8 activations, for vLLM on a "
+                       "GPU with FP8 support (GPU-only)", oneshot=True),
 }

@@ -82,7 +82,7 @@ def compress(req: CompressRequest) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from llmserve.artifacts.build import source_sha256, tool_versions
+    from llmserve.artifacts.build import source_sha256
 
     if not req.methods:
         raise CompressError("give at least one --method")
@@ -94,8 +94,19 @@ def compress(req: CompressRequest) -> dict:
         parsed = [parse(spec) for spec in req.methods]
         parent = lineage.read(req.source)
         thresholds = gate.family_of(lineage.method_names(parent) + [n for n, _ in parsed])
+        check_oneshot_last([n for n, _ in parsed])
     except (MethodError, lineage.LineageError, ValueError) as exc:
         raise CompressError(str(exc)) from None
+    if "quantization_config" in json.loads((req.source / "config.json").read_text()):
+        raise CompressError(f"{req.source} is already quantized (quantization_config in config.json); "
+                            "compress its unquantized source instead")
+    if any(METHODS[n].oneshot for n, _ in parsed):
+        from .oneshot import OneshotError, compress_python
+
+        try:
+            compress_python()  # a missing environment is told before minutes of loading
+        except OneshotError as exc:
+            raise CompressError(str(exc)) from None
     progress(f"gate family {thresholds.family}: mean_kl <= {thresholds.max_mean_kl}, "
              f"ppl_increase <= {thresholds.max_ppl_increase}, "
              f"confident_agreement >= {thresholds.min_confident_agreement}")
@@ -112,6 +123,12 @@ def compress(req: CompressRequest) -> dict:
     ctx = Context(teacher=teacher, tokenizer=tokenizer, train_text=train_text, progress=progress)
     applied = []
     for name, params in parsed:
+        if METHODS[name].oneshot:  # checked here, run after the in-process methods
+            try:
+                METHODS[name].run(model, params, ctx)
+            except MethodError as exc:
+                raise CompressError(str(exc)) from None
+            continue
         start = time.monotonic()
         progress(f"{name} {params} ...")
         try:
@@ -122,11 +139,66 @@ def compress(req: CompressRequest) -> dict:
         applied.append({"name": name, "params": params})
 
     windows = evaluate.held_out_windows(tokenizer, req.corpus, req.positions)
+    req.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{req.out.name}-", dir=req.out.parent))
+    try:
+        return _gate_and_write(req, model, tokenizer, ctx, parsed, applied, windows, tmp, parent,
+                               thresholds, digest, teacher, teacher_dir, teacher_digest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_oneshot_last(names: list[str]) -> None:
+    """llmcompressor's methods write a quantized checkpoint nothing here can change further:
+    at most one, and last in the chain."""
+    oneshot_names = [n for n in names if METHODS[n].oneshot]
+    if len(oneshot_names) > 1 or (oneshot_names and names[-1] != oneshot_names[0]):
+        raise ValueError(f"{', '.join(oneshot_names)}: a compressed-tensors method must be the last "
+                         "method of the chain, and only one")
+
+
+def _run_oneshot(model, tokenizer, ctx: Context, name: str, params: dict,
+                 windows: list[list[int]], tmp: Path) -> tuple[Path, evaluate.LogitsFn, dict]:
+    """llmcompressor on the model so far, in the compression environment: the compressed
+    directory, the gate candidate answering from its logits, and the job's tool versions."""
+    from . import oneshot
+
+    source, out, logits = tmp / "oneshot-input", tmp / "oneshot-output", tmp / "oneshot-logits"
+    logits.mkdir()
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    calibration = ctx.calibration_batch(params["samples"], params["seq_len"]).tolist() \
+        if name != "w8a8-fp8" else []
+    start = time.monotonic()
+    progress(f"{name}: llmcompressor in {oneshot.compress_python().parent.parent} "
+             f"({len(calibration)} calibration sequences)")
+    try:
+        oneshot.run_job({"mode": "oneshot", "source": str(source), "out": str(out),
+                         "logits_dir": str(logits), "calibration": calibration,
+                         "gate_windows": windows, **oneshot.job_request(name, params)}, tmp, progress)
+    except oneshot.OneshotError as exc:
+        raise CompressError(str(exc)) from None
+    progress(f"{name} done ({time.monotonic() - start:.1f}s)")
+    shutil.rmtree(source)
+    tools = json.loads((logits / "tools.json").read_text())
+    return out, oneshot.window_logits(logits, windows), tools
+
+
+def _gate_and_write(req, model, tokenizer, ctx, parsed, applied, windows, tmp, parent, thresholds,
+                    digest, teacher, teacher_dir, teacher_digest) -> dict:
+    from llmserve.artifacts.build import tool_versions
+
+    name, params = parsed[-1]
+    if METHODS[name].oneshot:
+        written, candidate, job_tools = _run_oneshot(model, tokenizer, ctx, name, params, windows, tmp)
+        applied.append({"name": name, "params": params})
+    else:
+        written, candidate, job_tools = None, evaluate.torch_logits(model), {}
     start = time.monotonic()
     teacher_fn = evaluate.torch_logits(teacher)
     if req.teacher_logits is not None:
         teacher_fn = evaluate.memoized(teacher_fn, req.teacher_logits, teacher_digest)
-    metrics = evaluate.compare(teacher_fn, evaluate.torch_logits(model), windows, progress)
+    metrics = evaluate.compare(teacher_fn, candidate, windows, progress)
     record = gate.verdict(metrics, thresholds)
     progress(f"gate ({time.monotonic() - start:.1f}s): " +
              ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -139,16 +211,13 @@ def compress(req: CompressRequest) -> dict:
     result = lineage.extend(parent, {"path": str(req.source.resolve()), "sha256": digest},
                             applied)
     result["teacher"] = {"path": str(teacher_dir.resolve()), "sha256": teacher_digest}
-    result |= {"gate": record | {"corpus": req.corpus}, "tools": tool_versions(),
+    result |= {"gate": record | {"corpus": req.corpus}, "tools": tool_versions() | job_tools,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    req.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{req.out.name}-", dir=req.out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / lineage.LINEAGE_FILE).write_text(json.dumps(result, indent=2) + "\n")
-        tmp.rename(req.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if written is None:
+        written = tmp / "model"
+        model.save_pretrained(written)
+        tokenizer.save_pretrained(written)
+    (written / lineage.LINEAGE_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    written.rename(req.out)
     progress(f"wrote {req.out} ({lineage.summary(result)})")
     return result
