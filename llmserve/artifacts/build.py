@@ -320,13 +320,18 @@ def _load_shipped(path: Path, kind: str):
 # -- per kind: export, artifact.json, gate --------------------------------------------------------
 
 
-def _build_embedding(req: BuildRequest, config, staged: Path, work: Path) -> tuple[dict, dict, dict]:
+def _load_source(req: BuildRequest, model_class) -> tuple:
+    """The source's fast tokenizer (the shipped model.py reads tokenizer.json) and its fp32 model.
+    Eager attention exports as plain MatMul/Softmax, which ORT's optimizer fuses into Attention."""
     tokenizer = AutoTokenizer.from_pretrained(req.source)
     if not tokenizer.is_fast:
         raise BuildError(f"{req.source}: needs a fast tokenizer (tokenizer.json)")
-    # Eager attention exports as plain MatMul/Softmax, which ORT's optimizer fuses into Attention.
-    encoder = AutoModel.from_pretrained(req.source, attn_implementation="eager",
-                                        dtype=torch.float32).eval()
+    model = model_class.from_pretrained(req.source, attn_implementation="eager", dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+def _build_embedding(req: BuildRequest, config, staged: Path, work: Path) -> tuple[dict, dict, dict]:
+    tokenizer, encoder = _load_source(req, AutoModel)
     pooling, normalize = _sentence_transformers_pooling(req.source)
     wrapper = EncoderForEmbedding(encoder, pooling, normalize).eval()
     max_length = _max_length(req.source, tokenizer, config, req.max_length)
@@ -360,11 +365,7 @@ def _build_embedding(req: BuildRequest, config, staged: Path, work: Path) -> tup
 
 
 def _build_generate(req: BuildRequest, config, staged: Path, work: Path) -> tuple[dict, dict, dict]:
-    tokenizer = AutoTokenizer.from_pretrained(req.source)
-    if not tokenizer.is_fast:
-        raise BuildError(f"{req.source}: needs a fast tokenizer (tokenizer.json)")
-    model = AutoModelForCausalLM.from_pretrained(req.source, attn_implementation="eager",
-                                                 dtype=torch.float32).eval()
+    tokenizer, model = _load_source(req, AutoModelForCausalLM)
     wrapper = CausalLMWithCache(model).eval()
     layers = config.num_hidden_layers
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
