@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from fixtures.models import torch_greedy
+from fixtures.predictor import scraped
 from llmserve.artifacts import client, gate
 from llmserve.artifacts.build import BuildError, BuildRequest, build
 from llmserve.artifacts.manifest import list_files, pull, verify_version
+from llmserve.testbed.waiting import poll
 
 pytestmark = pytest.mark.triton
 
@@ -97,6 +99,12 @@ def test_generate_sampling_stop_streaming_and_errors(tiny_lm_artifact, triton_se
     assert "exactly one of text_input and messages" in bad.error
     too_long, = client.generate(url, "tiny-lm", [{"prompt": "x" * 600}])
     assert "context window" in too_long.error
+    # The engine's own metrics, which the canary analysis and the HPA read (their end-to-end tests
+    # run on vLLM): both refusals failed, the 7 generations each timed to their first token.
+    expected = {"llmserve:request_failure_total": 2, "vllm:time_to_first_token_seconds_count": 7,
+                "vllm:num_requests_waiting": 0}
+    poll("the engine's metrics to count every request", lambda: {
+        name: scraped(server.metrics_url, name) for name in expected} == expected, 30)
 
 
 def test_embeddings_match_pytorch_through_triton(minilm_artifact, triton_server, tmp_path):
