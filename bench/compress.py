@@ -41,7 +41,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "compress.json"
 
-# name -> (compress methods, ONNX build variant); baseline: the source itself.
+# name -> (compress methods, ONNX build variant); baseline: the source itself. The
+# compressed-tensors rows (llmcompressor) serve on vLLM only: no ONNX variant.
 ROWS = {
     "baseline": ([], "fp32"),
     "int8": (["quantize-int8"], "w8"),
@@ -49,6 +50,8 @@ ROWS = {
     "2of4": (["prune-2of4:score=wanda"], "fp32"),
     "pruned": (["drop-layers:count={drop}"], "fp32"),
     "pruned+distilled": (["drop-layers:count={drop}", "distill:steps={steps},{distill}"], "fp32"),
+    "w8a8": (["w8a8"], None),
+    "w4a16": (["w4a16:group_size=64"], None),  # 128 does not divide SmolLM2's 576 inputs
 }
 
 _THROUGHPUT = r"""
@@ -131,7 +134,7 @@ def bench_row(name: str, source: Path, work: Path, args) -> dict:
     if "vllm" in args.engines:
         row["engine_vllm"] = vllm_throughput(model_dir, model_name, work / f"{model_name}-vllm",
                                              args.streams, args.tokens)
-    if "onnx" in args.engines:
+    if "onnx" in args.engines and variant:
         built = build(BuildRequest(source=model_dir, repo=work / "repo", model=model_name,
                                    kind="generate", variant=variant))
         row["onnx_bytes"] = _dir_bytes(built.path, "model.onnx*")

@@ -406,9 +406,6 @@ def _check_oneshot(name: str):
         from . import oneshot
 
         decoder_layers(model)
-        if name in oneshot.GPU_ONLY and not torch.cuda.is_available():
-            raise MethodError(f"{name} is GPU-only: {oneshot.GPU_ONLY[name]}; this machine has no "
-                              "GPU (on vLLM's CPU build use w8a8 or w4a16)")
         if name == "w4a16":
             try:
                 oneshot.check_group_size(params["group_size"], oneshot.linear_input_sizes(model.config))

@@ -101,8 +101,11 @@ def compress(req: CompressRequest) -> dict:
         raise CompressError(f"{req.source} is already quantized (quantization_config in config.json); "
                             "compress its unquantized source instead")
     if any(METHODS[n].oneshot for n, _ in parsed):
-        from .oneshot import OneshotError, compress_python
+        from .oneshot import GPU_ONLY, OneshotError, compress_python
 
+        for name in [n for n, _ in parsed if n in GPU_ONLY and not torch.cuda.is_available()]:
+            raise CompressError(f"{name} is GPU-only: {GPU_ONLY[name]}; this machine has no GPU "
+                                "(for vLLM's CPU build use w8a8 or w4a16)")
         try:
             compress_python()  # a missing environment is told before minutes of loading
         except OneshotError as exc:
@@ -206,7 +209,7 @@ def _gate_and_write(req, model, tokenizer, ctx, parsed, applied, windows, tmp, p
     if not record["passed"]:
         raise CompressError(f"gate ({thresholds.family}) refused the compressed model: "
                             f"{'; '.join(record['failures'])}; nothing was written", record,
-                            refused=(model, tokenizer))
+                            refused=(model, tokenizer) if written is None else None)
 
     result = lineage.extend(parent, {"path": str(req.source.resolve()), "sha256": digest},
                             applied)

@@ -1,6 +1,8 @@
 """`llmserve compress` end to end on the tiny test LM: compress -> gate against the original
 teacher -> `llmserve build` -> the real tritonserver -> an answer through the predictor; the gate
-refusing an over-pruned model; lineage surviving into the manifest.
+refusing an over-pruned model; lineage surviving into the manifest. The compressed-tensors
+methods (w8a8, w4a16: llmcompressor in the compression environment) go the same way on the vLLM
+engine: the checkpoint is published as is and served by vLLM's CPU build.
 
 The corpus is the tiny LM's own training text (the Zen of Python, from the stdlib's `this`), in
 paragraphs, so the teacher is confident enough for the gate to judge (on the Python reference it
@@ -15,8 +17,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from fixtures.predictor import _serve
+from fixtures.predictor import TESTBED_VLLM_ENGINE_ARGS, _serve
 from llmserve.artifacts.build import BuildRequest, build
+from llmserve.artifacts.manifest import Serving, pull
 from llmserve.artifacts.testmodels import BuiltModel, _training_text
 from llmserve.compress.lineage import LINEAGE_FILE
 from llmserve.compress.pipeline import CompressError, CompressRequest, compress
@@ -77,3 +80,38 @@ def test_chained_compression_keeps_the_original_teacher(tiny_lm_source, zen_corp
     assert student["source"]["path"] == str((tmp_path / "narrow").resolve())
     assert [m["name"] for m in student["methods"]] == ["narrow-mlp", "distill"]
     assert student["gate"]["thresholds"]["family"] == "structured"
+
+
+@pytest.mark.parametrize("method", ["w8a8", "w4a16"])
+def test_compressed_tensors_model_builds_for_vllm_and_serves(method, tiny_lm_source, zen_corpus, tmp_path):
+    out = tmp_path / f"tiny-{method}"
+    lineage = compress(CompressRequest(source=tiny_lm_source, out=out, corpus=str(zen_corpus),
+                                       methods=[f"{method}:samples=16,seq_len=128"]))
+    assert lineage["gate"]["passed"] and [m["name"] for m in lineage["methods"]] == [method]
+    assert "llmcompressor" in lineage["tools"]
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors"
+
+    name = f"tiny-{method}"
+    result = build(BuildRequest(source=out, repo=tmp_path / "repo", model=name, kind="generate",
+                                variant="bf16", engine="vllm"))
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["lineage"] == lineage and manifest["accuracy"]["passed"]
+    # published as is: the same quantized tensors, not a bf16 re-save
+    assert (result.path / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert json.loads((result.path / "config.json").read_text())["quantization_config"] == quant
+
+    served = tmp_path / "served"
+    pull(tmp_path / "repo", name, result.version, served,
+         serving=Serving(engine="vllm", instance_kind="KIND_CPU", engine_args=TESTBED_VLLM_ENGINE_ARGS))
+    with _serve(BuiltModel(served, name, result.version, out), startup_timeout=600) as service:
+        client = openai.OpenAI(base_url=service.predictor.openai_base_url, api_key="unused",
+                               max_retries=0, timeout=120)
+        answer = client.completions.create(model=name, prompt="Beautiful is better than", max_tokens=8)
+    assert answer.usage.completion_tokens == 8 and answer.choices[0].text
+
+
+def test_gpu_only_format_is_refused_on_this_cpu(tiny_lm_source, zen_corpus, tmp_path):
+    with pytest.raises(CompressError, match="w8a8-fp8 is GPU-only"):
+        compress(CompressRequest(source=tiny_lm_source, out=tmp_path / "fp8", corpus=str(zen_corpus),
+                                 methods=["w8a8-fp8"]))
