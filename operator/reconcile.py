@@ -34,7 +34,7 @@ from . import lws
 from . import status as st
 from .kube import ApiError, KubeClient, now_rfc3339, object_path
 from .render import Images, Tracks, desired_children
-from .spec import API_VERSION, CANARY, KIND, LABEL_REVISION, Spec, track_service_name
+from .spec import API_VERSION, CANARY, KIND, LABEL_REVISION, STABLE, Spec, track_service_name
 
 log = logging.getLogger("llmserve.operator")
 
@@ -220,14 +220,16 @@ def decide(parent: dict, spec: Spec, children: Children, seen: Observation, imag
 
 def _protects_something(child: dict, spec: Spec, plan: rollout.Plan, gateway: bool,
                         existing: set[tuple[str, str]]) -> bool:
-    """Whether a child earns its API requests (a fleet creates thousands): the canary Service only
-    once a rollout or a gateway route needs it, the PodDisruptionBudget only once an eviction
-    could take the last ready pod otherwise (more than one replica). One that exists is kept and
-    kept right (they are never deleted: the garbage collector removes them with the service)."""
+    """Whether a child earns its API requests (a fleet creates thousands): the track Services only
+    once a rollout or a gateway route needs them (until then the entry Service selects the same
+    pods, with the same ports; each Service costs a ClusterIP, which the API server allocates one
+    at a time), the PodDisruptionBudget only once an eviction could take the last ready pod
+    otherwise (more than one replica). One that exists is kept and kept right (they are never
+    deleted: the garbage collector removes them with the service)."""
     key = (child["kind"], child["metadata"]["name"])
     if key in existing:
         return True
-    if key == ("Service", track_service_name(spec.name, CANARY)):
+    if key in {("Service", track_service_name(spec.name, track)) for track in (STABLE, CANARY)}:
         return plan.canary is not None or gateway
     if child["kind"] == "PodDisruptionBudget":
         return max(spec.replicas, spec.autoscaling.max_replicas if spec.autoscaling else 0) > 1

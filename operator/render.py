@@ -238,36 +238,36 @@ def workload(spec: Spec, images: Images, *, track: str, replicas: int) -> dict:
     return deployment(spec, images, track=track, replicas=replicas)
 
 
+def _service_ports() -> list[dict]:
+    """The predictor and Triton's own ports."""
+    return [
+        {"name": "http", "port": PREDICTOR_PORT, "targetPort": "http", "protocol": "TCP"},
+        {"name": "triton-http", "port": HTTP_PORT, "targetPort": "triton-http", "protocol": "TCP"},
+        {"name": "triton-grpc", "port": GRPC_PORT, "targetPort": "triton-grpc", "protocol": "TCP",
+         "appProtocol": "grpc"},
+        {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+    ]
+
+
 def entry_service(spec: Spec) -> dict:
-    """`<name>`: the predictor on every ready pod of the service, whatever its track: without a
-    gateway, the canary's share of traffic is its share of the ready pods."""
+    """`<name>`: every ready pod of the service, whatever its track: without a gateway, the
+    canary's share of traffic is its share of the ready pods. Without a rollout it is all a track
+    Service would be, so a service gets its track Services only once a rollout needs them."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(spec, spec.name, spec.version, STABLE),
-        "spec": {
-            "selector": {LABEL_SERVICE: spec.name},
-            "ports": [{"name": "http", "port": PREDICTOR_PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
+        "spec": {"selector": {LABEL_SERVICE: spec.name}, "ports": _service_ports()},
     }
 
 
 def track_service(spec: Spec, track: str, revision: str) -> dict:
-    """`<name>-<track>`: the predictor and Triton's own ports of the revision serving `track`."""
+    """`<name>-<track>`: the pods of the revision serving `track` (a rollout's route backends)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(spec, track_service_name(spec.name, track), spec.version, track),
-        "spec": {
-            "selector": {LABEL_SERVICE: spec.name, LABEL_REVISION: revision},
-            "ports": [
-                {"name": "http", "port": PREDICTOR_PORT, "targetPort": "http", "protocol": "TCP"},
-                {"name": "triton-http", "port": HTTP_PORT, "targetPort": "triton-http", "protocol": "TCP"},
-                {"name": "triton-grpc", "port": GRPC_PORT, "targetPort": "triton-grpc", "protocol": "TCP",
-                 "appProtocol": "grpc"},
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
-            ],
-        },
+        "spec": {"selector": {LABEL_SERVICE: spec.name, LABEL_REVISION: revision}, "ports": _service_ports()},
     }
 
 

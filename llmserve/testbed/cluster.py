@@ -285,6 +285,13 @@ class TestBed:
                 # routing refuses them: 'unsupported service type "ExternalName"'), and no
                 # cluster IP or pod IP is reachable on the test bed anyway.
                 "--enable-aggregator-routing=false",
+                # Every Service's ClusterIP is allocated under a lock of the API server. 1.33 by
+                # default also writes the old bitmap allocator (one etcd key read and rewritten
+                # per Service, under that lock) for clusters migrating from it: a fleet's Services
+                # were created at ~8/s behind it (docs/operator.md#at-fleet-scale). A cluster born
+                # on 1.33 has nothing to migrate; this gate (beta, KEP-1880's last step) turns the
+                # dual write off and leaves the IPAddress allocator alone.
+                "--feature-gates=DisableAllocatorDualWrite=true",
                 "--profiling=false", "--v=1",
             ]
         if component == "kube-controller-manager":

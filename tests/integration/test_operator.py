@@ -65,8 +65,8 @@ def test_example_becomes_ready_with_labeled_owned_children(testbed, operator, na
         "Ready": "True", "Progressing": "False", "Degraded": "False"}
 
     kids = children(testbed, namespace, "tiny-gpt")
-    # One replica, no rollout: no PDB and no canary Service (they would protect nothing).
-    assert set(kids) == {("Deployment", example), ("Service", "tiny-gpt"), ("Service", "tiny-gpt-stable")}
+    # One replica, no rollout: no PDB and no track Services (they would protect nothing).
+    assert set(kids) == {("Deployment", example), ("Service", "tiny-gpt")}
     for (kind, name), kid in kids.items():
         labels = kid["metadata"]["labels"]
         assert labels["app.kubernetes.io/managed-by"] == "llmserve"
@@ -124,7 +124,7 @@ def test_deleted_and_edited_children_are_repaired(testbed, operator, namespace):
     wait_ready(testbed, namespace, "fixme")
     before = children(testbed, namespace, "fixme")
 
-    testbed.kubectl("delete", "service", "fixme-stable", "-n", namespace)
+    testbed.kubectl("delete", "service", "fixme", "-n", namespace)
     testbed.kubectl("scale", "deployment", deployment(testbed, namespace, "fixme"), "-n", namespace, "--replicas=4")
     testbed.kubectl("patch", "deployment", deployment(testbed, namespace, "fixme"), "-n", namespace, "--type=json", "-p", json.dumps(
         [{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "attacker/triton:evil"}]))
@@ -133,32 +133,32 @@ def test_deleted_and_edited_children_are_repaired(testbed, operator, namespace):
     def repaired():
         kids = children(testbed, namespace, "fixme")
         dep = kids.get(("Deployment", deployment(testbed, namespace, "fixme")))
-        svc = kids.get(("Service", "fixme-stable"))
+        svc = kids.get(("Service", "fixme"))
         return (dep and svc and ("PodDisruptionBudget", "fixme") in kids
                 and dep["spec"]["replicas"] == 2
                 and dep["spec"]["template"]["spec"]["containers"][0]["image"].startswith("nvcr.io/")
-                and svc["metadata"]["uid"] != before["Service", "fixme-stable"]["metadata"]["uid"])
+                and svc["metadata"]["uid"] != before["Service", "fixme"]["metadata"]["uid"])
 
     wait_for(repaired, "the operator to restore the deleted Service, replicas, image and label")
     wait_ready(testbed, namespace, "fixme")
     events = get_json(testbed, "events", "-n", namespace, "--field-selector", "involvedObject.name=fixme")["items"]
     updates = " ".join(e["message"] for e in events if e["reason"] == "Updated")
     assert "spec.replicas" in updates and "containers[tritonserver].image" in updates
-    assert "Service fixme-stable" in " ".join(e["message"] for e in events if e["reason"] == "Created")
+    assert "Service fixme" in " ".join(e["message"] for e in events if e["reason"] == "Created")
 
 
 def test_objects_it_does_not_own_are_never_touched(testbed, operator, namespace):
-    foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "taken-stable", "namespace": namespace},
+    foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "taken", "namespace": namespace},
                "spec": {"selector": {"app": "someone-else"}, "ports": [{"port": 80}]}}
     testbed.apply(foreign)
-    before = get_json(testbed, "service", "taken-stable", "-n", namespace)
+    before = get_json(testbed, "service", "taken", "-n", namespace)
     testbed.apply(llmservice("taken", namespace))
     testbed.kubectl("wait", "--for=condition=Degraded", "llms/taken", "-n", namespace, "--timeout=120s",
                     timeout=150)
     degraded = condition(get_json(testbed, "llms", "taken", "-n", namespace), "Degraded")
     assert degraded["reason"] == "ChildConflict"
-    assert "Service taken-stable already exists and is not controlled by this LLMService" in degraded["message"]
-    after = get_json(testbed, "service", "taken-stable", "-n", namespace)
+    assert "Service taken already exists and is not controlled by this LLMService" in degraded["message"]
+    after = get_json(testbed, "service", "taken", "-n", namespace)
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
     assert "ownerReferences" not in after["metadata"]
     # The rest of the service is still created.
@@ -183,7 +183,7 @@ def test_version_change_rolls_out_a_new_deployment_and_removes_the_old_one(testb
 def test_deleting_the_llmservice_removes_its_children(testbed, operator, namespace):
     testbed.apply(llmservice("doomed", namespace))
     wait_ready(testbed, namespace, "doomed")
-    assert len(children(testbed, namespace, "doomed")) == 3
+    assert len(children(testbed, namespace, "doomed")) == 2  # its Deployment and Service
     testbed.kubectl("delete", "llms/doomed", "-n", namespace)
     wait_for(lambda: not children(testbed, namespace, "doomed"), "the garbage collector to remove the children")
     wait_for(lambda: not get_json(testbed, "pods", "-n", namespace, "-l", "llmserve.io/service=doomed")["items"],
@@ -232,23 +232,21 @@ def test_killed_operator_restarts_and_converges_without_duplicates(testbed, oper
     before = children(testbed, namespace, "survivor")
 
     operator.process.kill()  # SIGKILL: the lease is not released, as when the node dies
-    testbed.kubectl("delete", "service", "survivor-stable", "-n", namespace)
+    testbed.kubectl("delete", "poddisruptionbudget", "survivor", "-n", namespace)
     testbed.kubectl("scale", "deployment", deployment(testbed, namespace, "survivor"), "-n", namespace, "--replicas=1")
     testbed.apply(llmservice("newcomer", namespace))  # created while no operator runs
 
     operator.start()  # stands by until the abandoned lease expires, then resumes
     wait_ready(testbed, namespace, "newcomer")
-    wait_for(lambda: (k := children(testbed, namespace, "survivor")) and ("Service", "survivor-stable") in k
+    wait_for(lambda: (k := children(testbed, namespace, "survivor")) and ("PodDisruptionBudget", "survivor") in k
              and k["Deployment", deployment(testbed, namespace, "survivor")]["spec"]["replicas"] == 2, "survivor's children to be repaired")
     wait_ready(testbed, namespace, "survivor")
 
     after = children(testbed, namespace, "survivor")
     assert set(after) == set(before)  # no duplicates, nothing extra
-    # Untouched children are not rewritten. The PDB by generation: the disruption controller
-    # rewrites its status (hence its resourceVersion) when the scale-down above removes a pod.
-    service, pdb = ("Service", "survivor"), ("PodDisruptionBudget", "survivor")
+    # An untouched child is not rewritten.
+    service = ("Service", "survivor")
     assert after[service]["metadata"]["resourceVersion"] == before[service]["metadata"]["resourceVersion"]
-    assert after[pdb]["metadata"]["generation"] == before[pdb]["metadata"]["generation"]
     deployments = get_json(testbed, "deployments", "-n", namespace)["items"]
     assert sorted(d["metadata"]["name"] for d in deployments) == [deployment(testbed, namespace, "newcomer"), deployment(testbed, namespace, "survivor")]
 

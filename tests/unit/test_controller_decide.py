@@ -40,27 +40,31 @@ def applied(decision):
 
 
 def test_a_new_service_gets_only_children_that_protect_something():
-    """One replica and no rollout: no PDB (an eviction may take the only pod anyway) and no canary
-    Service (it would select the stable pods, like `-stable`). Fewer requests per new service."""
+    """One replica and no rollout: no PDB (an eviction may take the only pod anyway) and no track
+    Services (they would select the pods the entry Service selects). Fewer requests and ClusterIPs
+    per new service."""
     obj = parent()
     spec = Spec.from_object(obj)
     decision = decide(obj, spec, Children(), Observation(NOW), IMAGES)
-    assert applied(decision) == [("Deployment", f"-{spec.revision}"), ("Service", ""), ("Service", "-stable")]
+    assert applied(decision) == [("Deployment", f"-{spec.revision}"), ("Service", "")]
     assert decision.prune == [] and decision.problems == []
 
 
-def test_the_pdb_with_replicas_and_the_canary_service_with_a_rollout_or_once_they_exist():
+def test_the_pdb_with_replicas_and_the_track_services_with_a_rollout_or_once_they_exist():
     obj = parent(replicas=2)
     assert ("PodDisruptionBudget", "") in applied(decide(obj, Spec.from_object(obj), Children(), Observation(NOW),
                                                          IMAGES))
     rolling = parent(version=2)
     rolling["status"] = first_status(parent(version=1))
-    assert ("Service", "-canary") in applied(decide(rolling, Spec.from_object(rolling), Children(), Observation(NOW),
-                                                    IMAGES))
+    assert {("Service", "-stable"), ("Service", "-canary")} <= set(
+        applied(decide(rolling, Spec.from_object(rolling), Children(), Observation(NOW), IMAGES)))
+    routed = parent(rollout={"traffic": {"gatewayRef": {"name": "web"}}})
+    assert {("Service", "-stable"), ("Service", "-canary")} <= set(
+        applied(decide(routed, Spec.from_object(routed), Children(), Observation(NOW, gateway=True), IMAGES)))
     kept = parent()
-    children = Children(services=[owned("Service", "chat-canary")], disruption_budgets=[owned("PodDisruptionBudget",
-                                                                                              "chat")])
-    assert {("Service", "-canary"), ("PodDisruptionBudget", "")} <= set(
+    children = Children(services=[owned("Service", "chat-stable"), owned("Service", "chat-canary")],
+                        disruption_budgets=[owned("PodDisruptionBudget", "chat")])
+    assert {("Service", "-stable"), ("Service", "-canary"), ("PodDisruptionBudget", "")} <= set(
         applied(decide(kept, Spec.from_object(kept), children, Observation(NOW), IMAGES)))
 
 

@@ -63,8 +63,9 @@ def test_selectors_tie_each_deployment_to_one_revision_and_services_to_tracks():
     assert deployment()["spec"]["selector"]["matchLabels"] == {
         "llmserve.io/service": "chat", "llmserve.io/revision": revision}
     assert kids["Service", "chat"]["spec"]["selector"] == {"llmserve.io/service": "chat"}
-    assert kids["Service", "chat"]["spec"]["ports"] == [
-        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    # The entry Service has every port a track Service has: a service needs no track Service
+    # until a rollout (decide() creates them only then).
+    assert [p["port"] for p in kids["Service", "chat"]["spec"]["ports"]] == [8080, 8000, 8001, 8002]
     stable = kids["Service", "chat-stable"]["spec"]
     assert stable["selector"] == {"llmserve.io/service": "chat", "llmserve.io/revision": revision}
     # Without a rollout the canary Service selects the stable pods: a route to it never dead-ends.
