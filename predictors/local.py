@@ -14,11 +14,10 @@ install kserve in their own process (the child process does the serving).
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from ..testbed.procs import LocalProcess, LocalServer, free_ports
+from ..testbed.procs import LocalServer, free_ports
 from ..testbed.triton import _http_ok
 from .cli import predictor_command
 
@@ -36,6 +35,7 @@ class LocalPredictor(LocalServer):
     """
 
     what, log_name, error = "the predictor", "predictor.log", PredictorError
+    workdir_prefix = "llmserve-predictor-"
     stop_grace = 15.0  # uvicorn shuts down gracefully on SIGTERM
 
     def __init__(self, triton_grpc: str, model: str, *, startup_timeout: float = 60.0,
@@ -44,6 +44,7 @@ class LocalPredictor(LocalServer):
         self.model = model
         self.flags = flags
         self.startup_timeout = startup_timeout
+        self._until_ready = True
         super().__init__()
 
     @property
@@ -67,29 +68,22 @@ class LocalPredictor(LocalServer):
         return [sys.executable, "-m", "llmserve", *argv[1:]]
 
     def start(self, *, wait_ready: bool = True) -> LocalPredictor:
-        if self._process is not None:
-            raise PredictorError("the predictor is already running")
-        self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-predictor-"))
+        self._until_ready = wait_ready
+        return super().start()
+
+    def _command(self, workdir: Path) -> tuple[list[str], None]:
         self.port = free_ports(1)[0]
-        self._process = LocalProcess(self.command, self.log_path, cwd=self._workdir)
-        self._process.start()
-        try:
-            self._wait("live", "/v2/health/live")
-            if wait_ready:
-                self._wait("ready", "/v2/health/ready")
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.command, None
+
+    def _wait_ready(self) -> None:
+        self._wait("live", "/v2/health/live")
+        if self._until_ready:
+            self._wait("ready", "/v2/health/ready")
 
     def _wait(self, what: str, path: str) -> None:
-        assert self._process is not None
         deadline = time.monotonic() + self.startup_timeout
         while not _http_ok(self.url + path):
-            code = self._process.returncode()
-            if code is not None:
-                raise PredictorError(f"the predictor exited with status {code} before it was {what} "
-                                     f"(command: {' '.join(self.command)})\n--- log tail ---\n{self.log_tail()}")
+            self._raise_if_exited(f"before it was {what}")
             if time.monotonic() > deadline:
                 raise PredictorError(f"the predictor was not {what} after {self.startup_timeout:.0f}s ({self.url}{path})"
                                      f"\n--- log tail ---\n{self.log_tail()}")

@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +31,7 @@ import yaml
 
 from . import pki, toolchain
 from .cluster import TestBed
-from .procs import LocalProcess, LocalServer, free_ports
+from .procs import LocalServer, free_ports
 from .waiting import poll
 
 NAMESPACE = "lws-system"
@@ -129,43 +128,35 @@ class LWSController(LocalServer):
     """One local LeaderWorkerSet controller (with webhooks) serving a test bed."""
 
     what, log_name, error = "the LeaderWorkerSet controller", "lws-controller.log", LWSError
+    workdir_prefix = "llmserve-lws-"
 
     def __init__(self, cluster: TestBed, *, startup_timeout: float = 120.0):
         self.cluster, self.startup_timeout = cluster, startup_timeout
         self.health_port = 0
         super().__init__()
 
-    def start(self) -> LWSController:
+    def _command(self, workdir: Path) -> tuple[list[str], dict[str, str]]:
         from .local_operator import service_account_kubeconfig
 
         toolchain.build(toolchain.LWS)
         config = module_dir() / "config"
-        self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-lws-"))
-        try:
-            self.port, self.health_port = free_ports(2)
-            self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
-                                 str(config / "crd" / "bases" / "leaderworkerset.x-k8s.io_leaderworkersets.yaml"))
-            poll(f"CRD {CRD_NAME} Established", self._crd_established, 60)
-            self.cluster.apply(*manifests(config, self.port, (self.cluster.dir / "pki" / "ca.crt").read_bytes()))
-            kubeconfig = service_account_kubeconfig(self.cluster, self._workdir / "kubeconfig", NAMESPACE, NAME)
-            cert_dir = self._workdir / "certs"
-            cert_dir.mkdir()
-            # controller-runtime's webhook server reads tls.crt / tls.key from its certDir.
-            pki.serving_certificate(self.cluster.dir / "pki", cert_dir / "tls", [
-                f"{WEBHOOK_SERVICE}.{NAMESPACE}.svc", f"{WEBHOOK_SERVICE}.{NAMESPACE}.svc.cluster.local", "localhost"])
-            config_file = self._workdir / "config.yaml"
-            config_file.write_text(yaml.safe_dump(controller_config(self.port, self.health_port, cert_dir)))
-            argv = [str(toolchain.LWS.path("lws-controller")), f"--config={config_file}", "--zap-log-level=info"]
-            self._process = LocalProcess(argv, self.log_path, cwd=self._workdir,
-                                         env={**os.environ, "KUBECONFIG": str(kubeconfig)})
-            self._process.start()
-            self._wait_serving()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        self.port, self.health_port = free_ports(2)
+        self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
+                             str(config / "crd" / "bases" / "leaderworkerset.x-k8s.io_leaderworkersets.yaml"))
+        poll(f"CRD {CRD_NAME} Established", self._crd_established, 60)
+        self.cluster.apply(*manifests(config, self.port, (self.cluster.dir / "pki" / "ca.crt").read_bytes()))
+        kubeconfig = service_account_kubeconfig(self.cluster, workdir / "kubeconfig", NAMESPACE, NAME)
+        cert_dir = workdir / "certs"
+        cert_dir.mkdir()
+        # controller-runtime's webhook server reads tls.crt / tls.key from its certDir.
+        pki.serving_certificate(self.cluster.dir / "pki", cert_dir / "tls", [
+            f"{WEBHOOK_SERVICE}.{NAMESPACE}.svc", f"{WEBHOOK_SERVICE}.{NAMESPACE}.svc.cluster.local", "localhost"])
+        config_file = workdir / "config.yaml"
+        config_file.write_text(yaml.safe_dump(controller_config(self.port, self.health_port, cert_dir)))
+        argv = [str(toolchain.LWS.path("lws-controller")), f"--config={config_file}", "--zap-log-level=info"]
+        return argv, {**os.environ, "KUBECONFIG": str(kubeconfig)}
 
-    def _wait_serving(self) -> None:
+    def _wait_ready(self) -> None:
         """Until the controller reports ready and the API server reaches its webhooks (a server-side
         dry run of a LeaderWorkerSet goes through the defaulting and validating webhooks)."""
         probe = {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet",
@@ -175,8 +166,7 @@ class LWSController(LocalServer):
         deadline = time.monotonic() + self.startup_timeout
         last = ""
         while time.monotonic() < deadline:
-            if self._process.returncode() is not None:
-                raise LWSError(f"lws controller exited ({self._process.returncode()}):\n{self.log_tail()}")
+            self._raise_if_exited("before its webhooks served")
             if self._healthy():
                 result = self.cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-",
                                               input=json.dumps(probe), check=False)

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from . import pki, toolchain
 from .cluster import TestBed
-from .procs import LocalProcess, LocalServer, free_ports
+from .procs import LocalServer, free_ports
 
 NAMESPACE = "monitoring"
 NAME = "prometheus-adapter"
@@ -83,6 +82,7 @@ class MetricsAdapter(LocalServer):
     """
 
     what, log_name, error = "the adapter", "prometheus-adapter.log", MetricsAdapterError
+    workdir_prefix = "llmserve-prometheus-adapter-"
 
     def __init__(self, cluster: TestBed, prometheus_url: str, config: str, *, relist_interval: str = "5s",
                  startup_timeout: float = 90.0):
@@ -90,48 +90,37 @@ class MetricsAdapter(LocalServer):
         self.relist_interval, self.startup_timeout = relist_interval, startup_timeout
         super().__init__()
 
-    def start(self) -> MetricsAdapter:
+    def _command(self, workdir: Path) -> tuple[list[str], None]:
         from .local_operator import service_account_kubeconfig
 
         toolchain.build(toolchain.PROMETHEUS_ADAPTER)
-        self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-prometheus-adapter-"))
-        try:
-            (self.port,) = free_ports(1)
-            self.cluster.apply(*manifests(self.port, (self.cluster.dir / "pki" / "ca.crt").read_bytes()))
-            kubeconfig = service_account_kubeconfig(self.cluster, self._workdir / "kubeconfig", NAMESPACE, NAME)
-            cert, key = pki.serving_certificate(self.cluster.dir / "pki", self._workdir / "serving", [
-                f"{NAME}.{NAMESPACE}.svc", f"{NAME}.{NAMESPACE}.svc.cluster.local", "localhost"])
-            config = self._workdir / "config.yaml"
-            config.write_text(self.config)
-            argv = [
-                str(toolchain.PROMETHEUS_ADAPTER.path("prometheus-adapter")),
-                f"--secure-port={self.port}", "--bind-address=127.0.0.1",
-                f"--tls-cert-file={cert}", f"--tls-private-key-file={key}",
-                f"--lister-kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
-                f"--authorization-kubeconfig={kubeconfig}",
-                f"--prometheus-url={self.prometheus_url}", f"--config={config}",
-                # Discovery looks for series seen within max-age (default: one relist interval);
-                # a minute rides out a few slow scrapes on a busy machine instead of dropping the
-                # metric until the next relist.
-                f"--metrics-relist-interval={self.relist_interval}", "--metrics-max-age=1m", "--v=2",
-            ]
-            self._process = LocalProcess(argv, self.log_path, cwd=self._workdir)
-            self._process.start()
-            self._wait_available()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        (self.port,) = free_ports(1)
+        self.cluster.apply(*manifests(self.port, (self.cluster.dir / "pki" / "ca.crt").read_bytes()))
+        kubeconfig = service_account_kubeconfig(self.cluster, workdir / "kubeconfig", NAMESPACE, NAME)
+        cert, key = pki.serving_certificate(self.cluster.dir / "pki", workdir / "serving", [
+            f"{NAME}.{NAMESPACE}.svc", f"{NAME}.{NAMESPACE}.svc.cluster.local", "localhost"])
+        config = workdir / "config.yaml"
+        config.write_text(self.config)
+        return [
+            str(toolchain.PROMETHEUS_ADAPTER.path("prometheus-adapter")),
+            f"--secure-port={self.port}", "--bind-address=127.0.0.1",
+            f"--tls-cert-file={cert}", f"--tls-private-key-file={key}",
+            f"--lister-kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            f"--prometheus-url={self.prometheus_url}", f"--config={config}",
+            # Discovery looks for series seen within max-age (default: one relist interval);
+            # a minute rides out a few slow scrapes on a busy machine instead of dropping the
+            # metric until the next relist.
+            f"--metrics-relist-interval={self.relist_interval}", "--metrics-max-age=1m", "--v=2",
+        ], None
 
-    def _wait_available(self) -> None:
+    def _wait_ready(self) -> None:
         """Until the aggregator reports the APIService Available (it reached the adapter through
         the Service, verified its certificate and read its discovery document)."""
         deadline = time.monotonic() + self.startup_timeout
         condition: dict = {}
         while time.monotonic() < deadline:
-            if self._process.returncode() is not None:
-                raise MetricsAdapterError(f"prometheus-adapter exited ({self._process.returncode()}):\n"
-                                          f"{self.log_tail()}")
+            self._raise_if_exited("before its APIService was Available")
             found = self.cluster.kubectl("get", "apiservice", APISERVICE, "-o", "json", check=False)
             if found.returncode == 0:
                 conds = json.loads(found.stdout).get("status", {}).get("conditions", [])

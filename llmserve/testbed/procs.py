@@ -1,4 +1,4 @@
-"""Local data-plane processes (Triton, Prometheus): free ports, a log file each, clean shutdown."""
+"""Local processes the tests run (Triton, Prometheus, the predictor, controllers): free ports, a log file each, clean shutdown."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -101,10 +102,13 @@ class LocalProcess:
 class LocalServer:
     """The shared skeleton of a local server the tests run: one scratch directory (config, data,
     log) and one ``LocalProcess``, both removed by ``stop``. Subclasses set ``what`` (for
-    messages), ``log_name`` and ``error`` and implement ``start``."""
+    messages), ``log_name``, ``error`` and ``workdir_prefix`` and implement ``_command`` (write
+    what the process needs into the scratch directory, return its argv and environment) and
+    ``_wait_ready``."""
 
     what = "the server"
     log_name = "server.log"
+    workdir_prefix = "llmserve-server-"
     error: type[Exception] = RuntimeError
     stop_grace = 30.0
 
@@ -125,6 +129,38 @@ class LocalServer:
 
     def log_tail(self, lines: int = 60) -> str:
         return tail(self.log_path, lines)
+
+    def start(self):
+        """Start the process in a fresh scratch directory and return once ``_wait_ready`` does;
+        on any failure (or interrupt) nothing is left running or on disk."""
+        if self._process is not None:
+            raise self.error(f"{self.what} is already running")
+        self._workdir = Path(tempfile.mkdtemp(prefix=self.workdir_prefix))
+        try:
+            argv, env = self._command(self._workdir)
+            self._process = LocalProcess(argv, self.log_path, env=env, cwd=self._workdir)
+            self._process.start()
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _command(self, workdir: Path) -> tuple[list[str], Mapping[str, str] | None]:
+        """Prepare ``workdir`` and pick ports; the argv and environment (None: ours) to run."""
+        raise NotImplementedError
+
+    def _wait_ready(self) -> None:
+        """Return once the server serves; raise ``error`` with the log tail if it cannot."""
+        raise NotImplementedError
+
+    def _raise_if_exited(self, when: str) -> None:
+        """For ``_wait_ready``: raise ``error`` with the command and the log tail once the process
+        has exited (``when`` says at which step, e.g. "before model m was ready")."""
+        code = self._process.returncode()
+        if code is not None:
+            raise self.error(f"{self.what} exited with status {code} {when} (command: {' '.join(self._process.argv)})"
+                             f"\n--- log tail ({self.log_path}) ---\n{self.log_tail()}")
 
     def stop(self) -> None:
         """Stop the process (SIGTERM, SIGKILL after ``stop_grace``) and remove its directory.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -25,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .procs import LocalProcess, LocalServer, free_ports
+from .procs import LocalServer, free_ports
 
 JOB = "triton"
 
@@ -75,6 +74,7 @@ class Prometheus(LocalServer):
     """A local Prometheus on a free loopback port with its own TSDB in a temporary directory."""
 
     what, log_name, error = "Prometheus", "prometheus.log", PrometheusError
+    workdir_prefix = "llmserve-prometheus-"
 
     def __init__(
         self,
@@ -89,33 +89,22 @@ class Prometheus(LocalServer):
         self.startup_timeout = startup_timeout
         super().__init__()
 
-    def start(self) -> Prometheus:
-        if self._process is not None:
-            raise PrometheusError("Prometheus is already running")
+    def _command(self, workdir: Path) -> tuple[list[str], None]:
         executable = shutil.which(self.binary)
         if executable is None:
             raise PrometheusError(
                 f"{self.binary!r} is not on PATH; install Debian's prometheus package "
                 "(apt-get install prometheus; hack/setup.sh does)"
             )
-        self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-prometheus-"))
-        try:
-            config = self._workdir / "prometheus.yml"
-            config.write_text(yaml.safe_dump(self.config, sort_keys=False))
-            (self.port,) = free_ports(1)
-            argv = [
-                executable,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={self._workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ]
-            self._process = LocalProcess(argv, self.log_path, cwd=self._workdir)
-            self._process.start()
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        config = workdir / "prometheus.yml"
+        config.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        (self.port,) = free_ports(1)
+        return [
+            executable,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ], None
 
     def _wait_ready(self) -> None:
         """Wait until Prometheus answers and has picked up every target.
@@ -123,17 +112,11 @@ class Prometheus(LocalServer):
         ``/-/ready`` turns true before the scrape manager applies the configuration (it reloads
         every few seconds), so readiness alone does not mean the targets are being scraped.
         """
-        assert self._process is not None
         expected = len(self.config["scrape_configs"][0]["static_configs"])
         deadline = time.monotonic() + self.startup_timeout
         waiting_for = f"{self.url}/-/ready"
         while True:
-            code = self._process.returncode()
-            if code is not None:
-                raise PrometheusError(
-                    f"prometheus exited with status {code} while starting\n"
-                    f"--- log tail ({self.log_path}) ---\n{self.log_tail()}"
-                )
+            self._raise_if_exited("while starting")
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
                     if response.status == 200:

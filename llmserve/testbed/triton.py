@@ -51,7 +51,7 @@ from ..artifacts.manifest import ENGINE_MARKERS
 from ..artifacts.repository import SHIPPED_REPO
 from ..operator.tritoncmd import tritonserver_command
 from .paths import cache_root
-from .procs import LocalProcess, free_ports, tail
+from .procs import LocalServer, free_ports
 
 EXECUTION_ENV_PARAMETER = "EXECUTION_ENV_PATH"
 
@@ -320,7 +320,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-class TritonServer:
+class TritonServer(LocalServer):
     """One local ``tritonserver`` serving pinned model versions, on free loopback ports.
 
     ``models`` maps model name to version, like an ``LLMService``'s model spec. ``venv`` is the
@@ -328,6 +328,9 @@ class TritonServer:
     ``start`` returns once the server and every model report ready, or raises ``TritonError``
     with the log tail.
     """
+
+    what, log_name, error = "tritonserver", "tritonserver.log", TritonError
+    workdir_prefix = "llmserve-triton-"
 
     def __init__(
         self,
@@ -345,20 +348,17 @@ class TritonServer:
         self.venv = Path(venv) if venv is not None else None
         self.startup_timeout = startup_timeout
         self.log_verbose = log_verbose
-        self._workdir: Path | None = None
-        self._process: LocalProcess | None = None
         self._shm_prefix = ""
-        self.http_port = self.grpc_port = self.metrics_port = 0
+        self.grpc_port = self.metrics_port = 0
+        super().__init__()
 
     @property
-    def log_path(self) -> Path:
-        if self._workdir is None:
-            raise TritonError("the server has not been started")
-        return self._workdir / "tritonserver.log"
+    def http_port(self) -> int:
+        return self.port
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return self.url
 
     @property
     def http_address(self) -> str:
@@ -382,55 +382,41 @@ class TritonServer:
     @property
     def command(self) -> list[str]:
         if self._process is None:
-            raise TritonError("the server has not been started")
+            raise TritonError(f"{self.what} has not been started")
         return self._process.argv
 
-    def log_tail(self, lines: int = 60) -> str:
-        return tail(self.log_path, lines)
-
-    def start(self) -> TritonServer:
-        if self._process is not None:
-            raise TritonError("the server is already running")
+    def _command(self, workdir: Path) -> tuple[list[str], dict[str, str]]:
         dist = triton_distribution()
         if self.venv is None:
             self.venv = default_env(self.model_repository, self.models)
         env = python_env(self.venv)
         backends = python_backend_directory(dist, env.version)
-        self._workdir = Path(tempfile.mkdtemp(prefix="llmserve-triton-"))
-        try:
-            repository = self._workdir / "model_repository"
-            stage_model_repository(self.model_repository, self.models, repository, env.prefix)
-            self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
-            # A prefix of our own names this server's shared-memory regions, so stop() can
-            # remove them even if a stub had to be killed.
-            self._shm_prefix = f"llmserve-triton-{uuid.uuid4().hex[:12]}-"
-            argv = tritonserver_command(
-                str(repository),
-                self.models,
-                executable=str(dist.binary),
-                address="127.0.0.1",
-                http_port=self.http_port,
-                grpc_port=self.grpc_port,
-                metrics_port=self.metrics_port,
-                log_verbose=self.log_verbose,
-                backend_directory=str(backends),
-                backend_config={"python": {"shm-region-prefix-name": self._shm_prefix}},
-            )
-            proc_env = dict(os.environ)
-            proc_env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                p for p in (str(dist.libs), str(env.libdir), os.environ.get("LD_LIBRARY_PATH", "")) if p
-            )
-            self._process = LocalProcess(argv, self.log_path, env=proc_env, cwd=self._workdir)
-            self._process.start()
-            self._wait_ready()
-        except BaseException:
-            self._cleanup()
-            raise
-        return self
+        repository = workdir / "model_repository"
+        stage_model_repository(self.model_repository, self.models, repository, env.prefix)
+        self.port, self.grpc_port, self.metrics_port = free_ports(3)
+        # A prefix of our own names this server's shared-memory regions, so stop() can
+        # remove them even if a stub had to be killed.
+        self._shm_prefix = f"llmserve-triton-{uuid.uuid4().hex[:12]}-"
+        argv = tritonserver_command(
+            str(repository),
+            self.models,
+            executable=str(dist.binary),
+            address="127.0.0.1",
+            http_port=self.http_port,
+            grpc_port=self.grpc_port,
+            metrics_port=self.metrics_port,
+            log_verbose=self.log_verbose,
+            backend_directory=str(backends),
+            backend_config={"python": {"shm-region-prefix-name": self._shm_prefix}},
+        )
+        proc_env = dict(os.environ)
+        proc_env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(dist.libs), str(env.libdir), os.environ.get("LD_LIBRARY_PATH", "")) if p
+        )
+        return argv, proc_env
 
     def _wait_ready(self) -> None:
         """Poll server readiness, then each pinned model version, until ready or the deadline."""
-        assert self._process is not None
         checks = [("server", f"{self.http_url}/v2/health/ready")] + [
             (f"model {name} version {version}", f"{self.http_url}/v2/models/{name}/versions/{version}/ready")
             for name, version in self.models.items()
@@ -438,12 +424,7 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         pending = "server"
         while checks:
-            code = self._process.returncode()
-            if code is not None:
-                raise TritonError(
-                    f"tritonserver exited with status {code} before {pending} was ready "
-                    f"(command: {' '.join(self._process.argv)})\n--- log tail ({self.log_path}) ---\n{self.log_tail()}"
-                )
+            self._raise_if_exited(f"before {pending} was ready")
             pending, url = checks[0]
             if _http_ok(url):
                 checks.pop(0)
@@ -456,26 +437,12 @@ class TritonServer:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Stop the server and its stubs, remove its shared memory and its working directory."""
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
+        """Stop the server and its stubs, remove its working directory and its shared memory."""
+        super().stop()
         if self._shm_prefix:
             for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
                 region.unlink(missing_ok=True)
             self._shm_prefix = ""
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
-    def __enter__(self) -> TritonServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _http_ok(url: str) -> bool:
