@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "compress.json"
+ROW_FILE = "bench-row.json"  # a row's compression record beside its model (`--work`)
 
 # name -> (compress methods, ONNX build variant); baseline: the source itself. The
 # compressed-tensors rows (llmcompressor) serve on vLLM only: no ONNX variant.
@@ -85,7 +86,8 @@ def throughput(version_dir: Path, streams: int, tokens: int) -> dict:
 
 def compress_child(source: Path, out: Path, methods: list[str]) -> dict:
     """One row's compression (run in a child process, so its peak memory is its own): the gate's
-    record, and the model in `out` even when the gate refused it (for the speed columns)."""
+    record, and the model in `out` even when the gate refused it (for the speed columns), with
+    the record as `out/ROW_FILE` (a later run with the same `--work` reuses both)."""
     import resource
 
     from llmserve.compress.pipeline import CompressError, CompressRequest, compress
@@ -99,8 +101,11 @@ def compress_child(source: Path, out: Path, methods: list[str]) -> dict:
             model, tokenizer = exc.refused
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
-    return row | {"compress_s": time.monotonic() - start,
-                  "compress_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row |= {"methods": methods, "compress_s": time.monotonic() - start,
+            "compress_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if (out / "config.json").is_file():
+        (out / ROW_FILE).write_text(json.dumps(row, indent=2))
+    return row
 
 
 def vllm_throughput(model_dir: Path, name: str, work: Path, streams: int, tokens: int) -> dict:
@@ -124,9 +129,14 @@ def bench_row(name: str, source: Path, work: Path, args) -> dict:
     model_dir = source
     if methods:
         model_dir = work / name
-        done = subprocess.run([sys.executable, __file__, "--compress-child", str(source), str(model_dir),
-                               *methods], stdout=subprocess.PIPE, text=True, check=True)
-        row |= json.loads(done.stdout.strip().splitlines()[-1])
+        saved = model_dir / ROW_FILE
+        if saved.is_file() and json.loads(saved.read_text())["methods"] == methods:
+            print(f"[bench] {name}: reusing the compressed model in {model_dir}", file=sys.stderr, flush=True)
+            row |= json.loads(saved.read_text()) | {"reused": str(model_dir)}
+        else:
+            done = subprocess.run([sys.executable, __file__, "--compress-child", str(source), str(model_dir),
+                                   *methods], stdout=subprocess.PIPE, text=True, check=True)
+            row |= json.loads(done.stdout.strip().splitlines()[-1])
     if args.gate_only or not (model_dir / "config.json").is_file():
         return row
     row["hf_weight_bytes"] = _dir_bytes(model_dir, "*.safetensors")
@@ -204,6 +214,8 @@ def main() -> int:
                         help="engines whose tokens/s to measure: onnx, vllm (comma-separated)")
     parser.add_argument("--gate-only", action="store_true", help="compress and gate; no builds")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, help="keep the compressed models here (default: a "
+                        "temporary directory); a row already compressed there the same way is reused")
     args = parser.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ROWS)
@@ -219,9 +231,10 @@ def main() -> int:
                 "an asymmetric 4-bit grid of blocks of 32, which flatters the int4 row")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
+        work = args.work.resolve() if args.work else Path(tmp)
         for name in rows:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            results.append(bench_row(name, source, Path(tmp), args))
+            results.append(bench_row(name, source, work, args))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"source": note, "streams": args.streams,
                                             "tokens": args.tokens, "rows": results}, indent=2))
