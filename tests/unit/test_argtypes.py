@@ -31,7 +31,13 @@ def test_rejects_with_a_clear_message(check, text, message):
         check(text)
 
 
-def test_every_subcommand_uses_them():
+@pytest.mark.parametrize("argv", [
+    ["testbed", "up", "--nodes", "0"],
+    ["verify", "/repo", "m", "0"],
+    ["predictor", "--triton-grpc", "localhost:8001", "--model", "m", "--http-port", "70000"],
+])
+def test_each_cli_refuses_bad_numbers_before_running(argv, capsys):
     from llmserve.cli import build_parser
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["testbed", "up", "--nodes", "0"])
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2 and "Traceback" not in capsys.readouterr().err
