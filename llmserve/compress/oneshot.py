@@ -78,7 +78,7 @@ def run_job(request: dict, work: Path, progress: Callable[[str], None]) -> None:
     python = compress_python()
     path = work / f"request-{request['mode']}.json"
     path.write_text(json.dumps(request))
-    env = {**os.environ, "PYTHONUTF8": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONUTF8": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     tail: list[str] = []
     with subprocess.Popen([str(python), str(JOB_SCRIPT), str(path)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env, cwd=work) as job:

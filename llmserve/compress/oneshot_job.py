@@ -86,7 +86,7 @@ def reference_mode(request: dict) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(
         request["model_dir"], dtype=torch.float32,
-        quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+        quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     eos_ids = request["eos_ids"]
     with torch.no_grad():
         next_tokens = [model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
