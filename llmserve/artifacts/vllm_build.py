@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmserve.compress import lineage
 from llmserve.compress.oneshot import quantization_format
-from llmserve.testbed.triton import engine_env
+from llmserve.testbed.triton import env_python
 
 from . import gate as gates
 from .build import BuildError, BuildRequest, BuildResult, _Stage, detect_kind, progress, source_sha256, tool_versions
@@ -71,7 +71,7 @@ def render_vllm_config(template: str, name: str, parameters: dict[str, str]) -> 
 
 def engine_python() -> Path:
     """The vLLM engine environment's interpreter (LLMSERVE_VLLM_PYTHON, else the test bed's)."""
-    python = Path(os.environ.get("LLMSERVE_VLLM_PYTHON") or engine_env("vllm") / "bin" / "python")
+    python = env_python("vllm", "LLMSERVE_VLLM_PYTHON")
     if not python.exists():
         raise BuildError(f"no vLLM engine environment at {python}: run hack/setup.sh "
                          "(or `llmserve testbed engine-env vllm`), or set LLMSERVE_VLLM_PYTHON")

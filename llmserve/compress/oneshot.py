@@ -32,9 +32,9 @@ class OneshotError(Exception):
 
 def compress_python() -> Path:
     """The compression environment's interpreter (LLMSERVE_COMPRESS_PYTHON, else the default)."""
-    from llmserve.testbed.triton import engine_env
+    from llmserve.testbed.triton import env_python
 
-    python = Path(os.environ.get("LLMSERVE_COMPRESS_PYTHON") or engine_env("compress") / "bin" / "python")
+    python = env_python("compress", "LLMSERVE_COMPRESS_PYTHON")
     if not python.exists():
         raise OneshotError(f"no compression environment at {python} (llmcompressor): run {SETUP_HINT}, "
                            "or set LLMSERVE_COMPRESS_PYTHON")

@@ -71,6 +71,11 @@ def engine_env(engine: str) -> Path:
     return cache_root() / f"engine-{engine}"
 
 
+def env_python(engine: str, override_var: str) -> Path:
+    """`engine`'s environment interpreter: the path in $override_var if set, else the test bed's."""
+    return Path(os.environ.get(override_var) or engine_env(engine) / "bin" / "python")
+
+
 def engine_requirements(engine: str, repository: Path = SHIPPED_REPO) -> list[str]:
     """The requirement lines of `engine`'s models, with the CPU build for each GPU-only package."""
     lines = []
