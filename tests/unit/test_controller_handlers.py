@@ -1,8 +1,10 @@
-"""What the operator's watch indexes keep of each object."""
+"""What the operator's watch indexes keep of each object, and what kopf computes per event."""
+
+import inspect
 
 import kopf
 
-from llmserve.operator.handlers import stored
+from llmserve.operator.handlers import registry, stored, watch_settings
 
 
 def test_indexes_drop_our_managed_fields_and_kubectls_copy_of_the_object():
@@ -35,3 +37,21 @@ def test_indexes_keep_what_drift_needs_of_other_managers():
     ours = {"manager": "llmserve-operator", "operation": "Update", "fieldsV1": {"f:spec": {}}}
     kept = stored(kopf.Body({"kind": "Deployment", "metadata": {"name": "d", "managedFields": [other, ours]}}))
     assert kept["metadata"]["managedFields"] == [other, {"manager": "llmserve-operator", "operation": "Update"}]
+
+
+def test_kopf_builds_no_diff_base_because_no_handler_detects_changes():
+    """The diff base (deep copies of every watched object on every event) is only of use to
+    change-detecting handlers; the operator has event handlers and indexes only."""
+    settings = kopf.OperatorSettings()
+    watch_settings(settings)
+    body = kopf.Body({"kind": "Deployment", "metadata": {"name": "d"}, "spec": {"replicas": 1}})
+    assert settings.persistence.diffbase_storage.build(body=body) is None
+    assert settings.persistence.diffbase_storage.fetch(body=body) is None
+    assert registry._changing.get_all_handlers() == [] and registry._spawning.get_all_handlers() == []
+    assert registry._watching.get_all_handlers() and registry._indexing.get_all_handlers()
+
+
+def test_every_watch_handler_runs_on_the_event_loop():
+    """kopf runs a plain function in its thread pool: a thread hop per watch event."""
+    handlers = [*registry._indexing.get_all_handlers(), *registry._watching.get_all_handlers()]
+    assert handlers and all(inspect.iscoroutinefunction(h.fn) for h in handlers)
