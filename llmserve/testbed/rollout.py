@@ -15,6 +15,7 @@ replicas, never more than replicas + maxSurge pods.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -24,12 +25,13 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..operator.render import puller_command
 from ..operator.rollout import revision_name, serving_spec
-from ..operator.spec import Spec
+from ..operator.spec import VLLM, Spec
 from .cluster import TestBed
 from .prometheus import metric_labels
 
@@ -58,27 +60,43 @@ def revision_of(stored_spec: dict, version: int) -> str:
     return revision_name({**serving, "model": {**serving["model"], "version": version}})
 
 
+# What this GPU-less machine adds to a vLLM revision's engine settings (a GPU pod needs neither):
+# eager mode (compiled mode takes minutes to start on the CPU) and a KV budget in bytes (the
+# CPU build reads gpu_memory_utilization as a fraction of the whole host). 64 MiB holds 32k
+# tokens of the tiny test LM (2 KiB each), and several of these servers run side by side.
+CPU_VLLM_ENGINE_ARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
+
+
 def pull_revision(stored: dict, serving: dict, source_repo: Path, destination: Path) -> Spec:
     """Run the model-puller command the operator renders for `serving` (a revision of the stored
     LLMService `stored`) here, with the pod's volumes swapped for local directories: the served
-    config.pbtxt gets that revision's instance kind and engine settings exactly as in a pod."""
+    config.pbtxt gets that revision's instance kind and engine settings exactly as in a pod, plus
+    `CPU_VLLM_ENGINE_ARGS` under them for vLLM (the revision's own settings win)."""
     spec = Spec.from_object(stored, serving)
     argv = puller_command(spec)
     argv[argv.index("--source") + 1] = str(source_repo)
     argv[argv.index("--dest") + 1] = str(destination)
+    if spec.engine == VLLM:
+        settings = json.dumps({**CPU_VLLM_ENGINE_ARGS, **spec.engine_args})
+        if "--engine-args" in argv:
+            argv[argv.index("--engine-args") + 1] = settings
+        else:
+            argv += ["--engine-args", settings]
     result = subprocess.run([sys.executable, "-m", "llmserve", *argv[1:]], capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr}")
     return spec
 
 
-def generate_request(text: str = "Tell me a short story about the sea and a lighthouse.", max_tokens: int = 4):
-    """`request(server) -> urllib Request` for TrackRouter: one generation through Triton's generate
-    endpoint (the decoupled generate model answers with one response when not streaming)."""
-    body = json.dumps({"text_input": text, "max_tokens": max_tokens}).encode()
+def generate_request(texts: Sequence[str] = ("Tell me a short story about the sea and a lighthouse.",),
+                     max_tokens: int = 4):
+    """`request(server, model) -> urllib Request` for TrackRouter: one generation through Triton's
+    generate endpoint (a decoupled model answers with one response when not streaming), the
+    prompts `texts` taken in turn across all clients."""
+    bodies = itertools.cycle([json.dumps({"text_input": text, "max_tokens": max_tokens}).encode() for text in texts])
 
     def request(server, model: str) -> urllib.request.Request:
-        return urllib.request.Request(f"{server.http_url}/v2/models/{model}/generate", data=body,
+        return urllib.request.Request(f"{server.http_url}/v2/models/{model}/generate", data=next(bodies),
                                       headers={"Content-Type": "application/json"})
     return request
 

@@ -25,13 +25,13 @@ METRIC = "llmserve_queue_compute_ratio"
 
 
 def metrics_path(testbed, namespace, name, model_repo, triton_server, prometheus, metrics_adapter,
-                 models=None, metric=METRIC):
+                 models=None, metric=METRIC, startup_timeout=120):
     """Once the LLMService's first pod is Ready: a tritonserver standing for it, Prometheus scraping
     it with that pod's labels, the adapter with the chart's rules. Returns (triton, adapter,
     explain) once the HPA reads the metric through the aggregated API; `explain()` describes the
     state of the whole path for a timeout message."""
     pod = poll("the first pod of the LLMService to be Ready", lambda: first_pod(testbed, namespace, name), 120)
-    triton = triton_server(model_repo, models or {MODEL: 1})
+    triton = triton_server(model_repo, models or {MODEL: 1}, startup_timeout=startup_timeout)
     prom = prometheus([triton_target(triton.metrics_target, namespace, pod)])
     adapter = metrics_adapter(prom.url)
     poll("the adapter to discover the metric",
@@ -214,31 +214,33 @@ def test_the_autoscaler_and_a_canary_do_not_fight(
 @pytest.mark.triton
 @pytest.mark.prometheus
 def test_the_engines_waiting_requests_scale_the_llmservice(
-        testbed, operator, namespace, tiny_lm_artifact, triton_server, prometheus, metrics_adapter, tmp_path):
+        testbed, operator, namespace, tiny_vllm_artifact, triton_server, prometheus, metrics_adapter, tmp_path):
     """Issue 10: an LLM engine batches inside the model, so Triton's queue stays empty however many
-    requests wait; the engine's vllm:num_requests_waiting does not. The ONNX generate model decodes
-    one sequence at a time here (engineSettings.maxConcurrentSequences 1, delivered through the
-    pod's puller command), 6 clients keep about 5 waiting, and the HPA (target 2 per pod) scales."""
-    name, built, metric = "gen", tiny_lm_artifact, "llmserve_waiting_requests"
+    requests wait; the engine's vllm:num_requests_waiting does not. vLLM (its CPU build inside
+    tritonserver) runs one sequence at a time here (engineSettings.maxConcurrentSequences 1,
+    delivered through the pod's puller command), 6 clients keep about 5 waiting, and the HPA
+    (target 2 per pod) scales."""
+    name, built, metric = "gen", tiny_vllm_artifact, "llmserve_waiting_requests"
     manifest = llmservice(name, namespace, min_replicas=1, max_replicas=2, target="2", scale_down="10s",
                           gpus=0)  # a CPU pod (KIND_CPU): what this machine's tritonserver can run
     manifest["spec"]["model"]["name"] = built.name
-    manifest["spec"]["runtime"].update(engine="onnxruntime", engineSettings={"maxConcurrentSequences": 1})
+    manifest["spec"]["runtime"].update(engine="vllm", engineSettings={"maxConcurrentSequences": 1})
     manifest["spec"]["autoscaling"]["metric"] = "waitingRequests"
     testbed.apply(manifest)
     stored = json.loads(testbed.kubectl("get", "llms", name, "-n", namespace, "-o", "json").stdout)
     spec = pull_revision(stored, serving_spec(stored["spec"]), built.repo, tmp_path / "pulled")
     triton, adapter, explain = metrics_path(testbed, namespace, name, tmp_path / "pulled", triton_server, prometheus,
-                                            metrics_adapter, models={spec.model: spec.version}, metric=metric)
+                                            metrics_adapter, models={spec.model: spec.version}, metric=metric,
+                                            startup_timeout=600)
 
     def waiting():
         return parse_quantity(adapter.object_metric(namespace, "llmservices.llmserve.io", name, metric)["value"])
 
     assert snapshot(testbed, namespace, name).replicas == 1 and waiting() == 0
-    generation = {"text_input": "Once upon a time", "max_tokens": 48}
+    generation = {"text_input": "Once upon a time", "max_tokens": 128}
     with InferenceLoad(triton.http_url, spec.model, generation, concurrency=6, endpoint="generate") as load:
         up = poll("the HPA to raise the LLMService to 2 replicas on waiting requests", lambda: (
             s if (s := snapshot(testbed, namespace, name)).replicas == 2 else None), 240, explain=explain)
-        assert waiting() > 2  # about 5 waiting on one pod decoding one sequence at a time
+        assert waiting() > 2  # about 5 waiting on one pod running one sequence at a time
     assert load.stats.requests > 0 and load.stats.failures == 0, load.stats
     assert up.llmservice["status"]["autoscaling"]["metric"] == metric
