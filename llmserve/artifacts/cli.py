@@ -39,7 +39,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        default="fp32",
                        help="weights: fp32/fp16/int8 (dynamic)/w8/w4 (weight-only MatMulNBits, "
                             "scheme from the source's compress lineage) for onnxruntime, "
-                            "fp32/bf16/fp16 for vllm")
+                            "fp32/bf16/fp16 for vllm (for a compressed-tensors checkpoint of "
+                            "`llmserve compress --method w8a8|w4a16`, published as is: the "
+                            "activation dtype)")
     build.add_argument("--version", type=positive_int, help="version number (default: next)")
     build.add_argument("--max-batch-size", type=positive_int, default=32)
     build.add_argument("--instances", type=positive_int, default=1, help="model instances (CPU)")
