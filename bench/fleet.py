@@ -3,7 +3,7 @@
 For each fleet size N it runs, each on a fresh test bed of the same shape (enough simulated GPU
 nodes, the chart installed, the model repository claim `models` in the namespace):
 
-- baseline: the children the operator decides for N LLMServices (a Deployment and two Services
+- baseline: the children the operator decides for N LLMServices (a Deployment and a Service
   each), created directly by a burst of POSTs, without the operator; timed until every Deployment is
   Available. This is what the API server, scheduler and controllers need anyway.
 - operator: N LLMServices created by the same burst, with the operator running locally as the
