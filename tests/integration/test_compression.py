@@ -82,6 +82,9 @@ def test_chained_compression_keeps_the_original_teacher(tiny_lm_source, zen_corp
     assert student["gate"]["thresholds"]["family"] == "structured"
 
 
+# Two vLLM engine starts (the build's gate, then Triton) plus llmcompressor: minutes each on a
+# loaded 2-core machine, more than the suite's default 900 s.
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("method", ["w8a8", "w4a16"])
 def test_compressed_tensors_model_builds_for_vllm_and_serves(method, tiny_lm_source, zen_corpus, tmp_path):
     out = tmp_path / f"tiny-{method}"
