@@ -51,8 +51,8 @@ ROWS = {
     "2of4": (["prune-2of4:score=wanda"], "fp32"),
     "pruned": (["drop-layers:count={drop}"], "fp32"),
     "pruned+distilled": (["drop-layers:count={drop}", "distill:steps={steps},{distill}"], "fp32"),
-    "w8a8": (["w8a8:samples=32"], None),
-    "w4a16": (["w4a16:group_size=64,samples=32"], None),  # 128 does not divide 576 (SmolLM2)
+    "w8a8": (["w8a8:samples=16"], None),
+    "w4a16": (["w4a16:group_size=64,samples=16"], None),  # 128 does not divide 576 (SmolLM2)
 }
 
 _THROUGHPUT = r"""
