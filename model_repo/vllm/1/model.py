@@ -26,6 +26,7 @@ import asyncio
 import json
 import locale
 import os
+import queue
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -221,6 +222,37 @@ def use_utf8_locale():
     os.environ["PYTHONIOENCODING"] = "utf-8"
 
 
+class TritonCalls:
+    """One thread that makes this process's calls into Triton, in the order they were queued.
+
+    Sending a response and updating a metric are each a round trip to the Triton process (shared
+    memory and a wait for its answer). Made on the engine's event loop, they would hold up vLLM's
+    output handling (detokenizing, the next step's outputs) once per token and stream; queued here
+    the loop only enqueues, and the round trips overlap with its work. One thread keeps each
+    request's responses in order, the final flag last.
+    """
+
+    def __init__(self):
+        self.calls = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="triton-calls", daemon=True)
+        self.thread.start()
+
+    def put(self, call, *args, **kwargs):
+        self.calls.put((call, args, kwargs))
+
+    def _run(self):
+        while (item := self.calls.get()) is not None:
+            call, args, kwargs = item
+            try:
+                call(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - a client gone mid-stream must not stop the others
+                pb_utils.Logger.log_warn(f"{getattr(call, '__qualname__', call)} failed: {exc}")
+
+    def close(self, timeout=30):
+        self.calls.put(None)
+        self.thread.join(timeout=timeout)
+
+
 class TritonPythonModel:
     """execute() parses and hands each request to a coroutine on the engine's event loop (its own
     thread); the coroutine streams vLLM's outputs back through the request's response sender. A
@@ -241,7 +273,8 @@ class TritonPythonModel:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.metrics = EngineMetrics(args["model_name"], args["model_version"])
+        self.calls = TritonCalls()
+        self.metrics = EngineMetrics(args["model_name"], args["model_version"], self.calls)
         from vllm.config import StructuredOutputsConfig
 
         if isinstance(settings.get("structured_outputs_config"), dict):
@@ -269,7 +302,7 @@ class TritonPythonModel:
                 job = self._parse(request)
             except ValueError as exc:
                 self.metrics.failure()
-                _send_error(sender, str(exc))
+                self.calls.put(_send_error, sender, str(exc))
                 continue
             asyncio.run_coroutine_threadsafe(self._start(job, request, sender), self.loop)
         return None
@@ -282,16 +315,21 @@ class TritonPythonModel:
             self.running.pop(job.request_id, None)
             if task.cancelled():  # cancelled before it started: Triton still needs the final flag
                 self.metrics.finished("abort")
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self.calls.put(sender.send, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         task.add_done_callback(done)
 
     async def _watch_cancellations(self):
         while True:
             await asyncio.sleep(CANCEL_POLL_SECONDS)
-            for request, task in list(self.running.values()):
-                if request.is_cancelled() and not task.done():
-                    task.cancel()  # vLLM's generate() aborts the sequence on CancelledError
+            self.calls.put(self._cancel_abandoned, list(self.running.values()))
+
+    def _cancel_abandoned(self, running):
+        """On the calls thread (each check is a round trip to Triton): cancel, on the loop, the
+        task of every request whose client left; vLLM's generate() aborts the sequence then."""
+        for request, task in running:
+            if not task.done() and request.is_cancelled():
+                self.loop.call_soon_threadsafe(task.cancel)
 
     async def _generate(self, job, sender):
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -310,20 +348,19 @@ class TritonPythonModel:
                 responses = [r for r in responses if r is not None]
                 for i, response in enumerate(responses):
                     last = output.finished and i == len(responses) - 1
-                    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
+                    self.calls.put(sender.send, response,
+                                   flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
                 if output.finished and not responses:
-                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    self.calls.put(sender.send, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except asyncio.CancelledError:
             # vLLM reports no statistics for a request its caller aborts: count it here.
             self.metrics.finished("abort")
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # the client is gone
+            self.calls.put(sender.send, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # the client is gone
         except Exception as exc:  # noqa: BLE001 - every request must end with a response
             message = str(exc) or type(exc).__name__
             self.metrics.failure()
-            if _is_client_error(exc):
-                _send_error(sender, f"invalid argument: {message}")
-            else:
-                _send_error(sender, f"generation failed: {message}")
+            kind = "invalid argument" if _is_client_error(exc) else "generation failed"
+            self.calls.put(_send_error, sender, f"{kind}: {message}")
 
     def _response(self, job, output, completion, top_n):
         state = job.choices.setdefault(completion.index, Choice())
@@ -395,6 +432,7 @@ class TritonPythonModel:
         self.engine.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=30)
+        self.calls.close()
 
 
 def _is_client_error(exc):
@@ -426,7 +464,8 @@ class EngineMetrics:
     per step, the tokens, first-token and inter-token latencies and the finished requests.
     """
 
-    def __init__(self, model, version):
+    def __init__(self, model, version, calls):
+        self.calls = calls  # every update is a round trip to Triton: made on the calls thread
         self.labels = {"model": model, "version": str(version)}
         family = pb_utils.MetricFamily
         self.families = []  # a family must outlive its metrics
@@ -465,7 +504,7 @@ class EngineMetrics:
                              E2E_BUCKETS)
 
     def failure(self):
-        self.failures.increment(1)
+        self.calls.put(self.failures.increment, 1)
 
     def record(self, scheduler_stats, iteration_stats):
         if scheduler_stats is not None:
@@ -474,23 +513,26 @@ class EngineMetrics:
                     scheduler_stats.kv_cache_usage)
             for gauge, value, last in zip((self.running, self.waiting, self.kv_usage), load, self.load):
                 if value != last:
-                    gauge.set(value)
+                    self.calls.put(gauge.set, value)
             self.load = load
         if iteration_stats is None:
             return
         if iteration_stats.num_prompt_tokens:
-            self.prompt_tokens.increment(iteration_stats.num_prompt_tokens)
+            self.calls.put(self.prompt_tokens.increment, iteration_stats.num_prompt_tokens)
         if iteration_stats.num_generation_tokens:
-            self.generation_tokens.increment(iteration_stats.num_generation_tokens)
+            self.calls.put(self.generation_tokens.increment, iteration_stats.num_generation_tokens)
         for seconds in iteration_stats.time_to_first_tokens_iter:
-            self.ttft.observe(seconds)
+            self.calls.put(self.ttft.observe, seconds)
         for seconds in iteration_stats.inter_token_latencies_iter:
-            self.itl.observe(seconds)
+            self.calls.put(self.itl.observe, seconds)
         for finished in iteration_stats.finished_requests:
             self.finished(str(finished.finish_reason))
-            self.e2e.observe(finished.e2e_latency)
+            self.calls.put(self.e2e.observe, finished.e2e_latency)
 
     def finished(self, reason):
+        self.calls.put(self._count_success, reason)
+
+    def _count_success(self, reason):  # on the calls thread: creating a metric is a round trip too
         if reason not in self.success:
             self.success[reason] = self.success_family.Metric(
                 labels={**self.labels, "finished_reason": reason})
