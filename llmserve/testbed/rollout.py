@@ -130,12 +130,14 @@ class Tally:
 
 class TrackRouter:
     """Route `rate` requests per second over the revisions of LLMService `namespace/name` in the
-    proportions its status publishes, using `servers` (revision -> TritonServer)."""
+    proportions its status publishes, using `servers` (revision -> TritonServer); a request that
+    takes longer than `timeout` seconds counts as failed."""
 
     def __init__(self, bed: TestBed, namespace: str, name: str, servers: dict, *, rate: float = 20.0,
-                 clients: int = 8, max_surge: int = 1, model: str = MODEL, request=probe_request):
+                 clients: int = 8, max_surge: int = 1, model: str = MODEL, request=probe_request,
+                 timeout: float = 30.0):
         self.bed, self.namespace, self.name, self.servers = bed, namespace, name, servers
-        self.model, self.request = model, request
+        self.model, self.request, self.timeout = model, request, timeout
         self.interval, self.clients, self.max_surge = clients / rate, clients, max_surge
         self.timeline: list[Observation] = []
         self.violations: list[str] = []
@@ -219,7 +221,7 @@ class TrackRouter:
             error = f"{revision}: no tritonserver for this revision"
         else:
             try:
-                with urllib.request.urlopen(self.request(server, self.model), timeout=30) as response:
+                with urllib.request.urlopen(self.request(server, self.model), timeout=self.timeout) as response:
                     response.read()
                 error = ""
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
@@ -249,7 +251,7 @@ class TrackRouter:
             self._watch.terminate()
             self._watch.wait(10)
         for thread in self._threads:
-            thread.join(35)
+            thread.join(self.timeout + 5)
         return self.tally
 
     def __enter__(self) -> TrackRouter:

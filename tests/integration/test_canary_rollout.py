@@ -274,10 +274,13 @@ def test_gateway_route_weights_follow_the_canary(testbed, operator, namespace, g
 # other request, gets all of them.
 PROMPTS = ("Tell me a story.", "Once upon a time, by the sea,",
            "Tell me a short story about the sea, the wind and a lighthouse. " * 5)
-# 8 closed-loop clients, 256 tokens each (about 0.6 s of the tiny LM's decoding here): a revision
-# that batches them starts each within tens of ms; one that runs one at a time queues them for
-# seconds. 8 s checks: such a revision still serves minRequests in one.
-ENGINE_CHECK = analysis(interval="8s", maxP99Latency="60s", maxP99TimeToFirstToken="1s")
+# 8 closed-loop clients, 128 tokens each (0.3 s of the tiny LM's decoding on a quiet machine, 2 s
+# on a loaded one): a revision that batches them starts each within tens of ms (a few hundred on a
+# loaded machine); one that runs them one at a time queues them for seconds. 10 s checks of at
+# least 3 requests: such a revision serves them even when the machine is loaded. The clients wait
+# up to 2 minutes: at a load average of 44 (other sessions' benchmarks) even batched 128-token
+# answers took over 30 s here.
+ENGINE_CHECK = analysis(interval="10s", minRequests=3, maxP99Latency="60s", maxP99TimeToFirstToken="1s")
 
 
 @pytest.mark.triton
@@ -308,7 +311,8 @@ def test_engine_canary_by_engine_metrics(testbed, operator, namespace, engine_re
     v1, v2 = list(servers)
 
     with TrackRouter(testbed, namespace, "chat", servers, model=built.name,
-                     request=generate_request(PROMPTS, max_tokens=256), rate=40, clients=8) as router:
+                     request=generate_request(PROMPTS, max_tokens=128), rate=40, clients=8,
+                     timeout=120) as router:
         router.wait_for(lambda s: s["stable"]["readyReplicas"] == 2, "stable to serve")
         patch = {"spec": {"runtime": {"engineSettings": settings},
                           "rollout": {"analysis": {"prometheus": {"url": prometheus.url}}}}}
@@ -340,4 +344,4 @@ def test_engine_canary_by_engine_metrics(testbed, operator, namespace, engine_re
     if settings.get("maxModelLength"):
         assert tally.failed[v2] > 0  # the clients saw what the engine counted
     else:
-        assert tally.failed[v2] == 0  # slow, never failing
+        assert tally.failed[v2] == 0, tally.errors  # slow, never failing
