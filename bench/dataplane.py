@@ -3,7 +3,9 @@
 Embeddings: naive PyTorch serving vs our gated MiniLM int8 artifact on Triton (requests/s).
 
 Generation (issue 10, item 8): SmolLM2-135M-Instruct through an OpenAI `/v1/completions` stream
-on four stacks, one after another in one run (never two at once: they would share the 2 cores):
+on four stacks in one run. All stacks are started first and stay up (idle ones cost no CPU); each
+level then runs `--rounds` times with the stacks taking turns, never two at once, so load from
+elsewhere on a shared machine falls on every stack alike; rows are the medians of the rounds:
 
 - `eager`: transformers eager PyTorch (fp32) behind a minimal OpenAI-compatible server that
   serves one request at a time, as a naive deployment does;
@@ -23,6 +25,7 @@ streams, >= 8x at 64 mixed, p99 TTFT <= 1/5 of onnx's, and within 15 % of vLLM a
 
     python bench/dataplane.py                                   # embeddings + generation
     python bench/dataplane.py --only generate                   # the four LLM stacks
+    python bench/dataplane.py --only generate --systems vllm-triton,vllm --rounds 5   # the 15 % goal
     python bench/dataplane.py --only generate --lm tiny --systems onnx,vllm-triton   # smoke run
     python bench/dataplane.py --only embedding --requests 64
 """
@@ -41,7 +44,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -365,19 +368,30 @@ async def _level(url: str, model: str, prompts: list[str], streams: int, max_tok
         return Level(time.perf_counter() - start, results)
 
 
+def measure_level(url: str, model: str, mix: str, streams: int, args) -> dict:
+    """One (mix, streams) level against one stack: its summary, or the error that ended it."""
+    prompts = workload(mix, streams * args.requests_per_stream)
+    try:
+        return asyncio.run(_level(url, model, prompts, streams, args.max_tokens)).summary()
+    except Exception as exc:  # noqa: BLE001 - reported in the table; later levels still run
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
 def measure(url: str, model: str, args) -> dict:
-    """Every (mix, streams) level against one stack, after two warm-up requests."""
+    """Every (mix, streams) level against one stack, once, after two warm-up requests."""
     asyncio.run(_level(url, model, SHORT_PROMPTS[:2], 2, args.max_tokens))
-    out = {}
-    for mix in args.mixes:
-        for streams in args.streams:
-            prompts = workload(mix, streams * args.requests_per_stream)
-            try:
-                out[f"{mix}/{streams}"] = asyncio.run(_level(url, model, prompts, streams, args.max_tokens)).summary()
-            except Exception as exc:  # noqa: BLE001 - reported in the table; later levels still run
-                out[f"{mix}/{streams}"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
-            print(f"  {mix:>5} x {streams:<3} {out[f'{mix}/{streams}']}", file=sys.stderr, flush=True)
-    return out
+    return {f"{mix}/{streams}": measure_level(url, model, mix, streams, args)
+            for mix in args.mixes for streams in args.streams}
+
+
+def median_rounds(rounds: list[dict]) -> dict:
+    """A level's rounds as one row: the median of each metric, the rounds kept beside it. A
+    level that failed in any round is reported as failed."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    row = {key: float(np.median([r[key] for r in rounds])) for key in rounds[0]}
+    return {**row, "rounds": rounds}
 
 
 @contextmanager
@@ -460,13 +474,29 @@ def print_generation(title: str, report: dict) -> None:
 
 
 def bench_generate(args, work: Path) -> dict:
+    """Every stack is started first and stays up; then each level runs `--rounds` times, the stacks
+    taking turns within a round (the order rotated each round), so a burst of load from elsewhere
+    on a shared machine falls on all of them instead of on whichever ran at that time. An idle
+    stack costs no CPU. Each row is the median of its rounds."""
     source = testmodels.smollm2() if args.lm == "smollm2" else testmodels.tiny_lm()
-    report = {}
-    for system in args.systems:
-        print(f"{system}:", file=sys.stderr, flush=True)
-        with serve(system, source, args.lm, work / system, args) as url:
-            report[system] = measure(url, args.lm, args)
-    return report
+    rounds: dict[str, dict[str, list[dict]]] = {system: {} for system in args.systems}
+    with ExitStack() as stack:
+        urls = {}
+        for system in args.systems:
+            print(f"start {system} ...", file=sys.stderr, flush=True)
+            urls[system] = stack.enter_context(serve(system, source, args.lm, work / system, args))
+            asyncio.run(_level(urls[system], args.lm, SHORT_PROMPTS[:2], 2, args.max_tokens))  # warm-up
+        for mix in args.mixes:
+            for streams in args.streams:
+                level = f"{mix}/{streams}"
+                for turn in range(args.rounds):
+                    order = args.systems[turn % len(args.systems):] + args.systems[:turn % len(args.systems)]
+                    for system in order:
+                        row = measure_level(urls[system], args.lm, mix, streams, args)
+                        rounds[system].setdefault(level, []).append(row)
+                        print(f"  {level:>9} round {turn + 1} {system:>11} {row}", file=sys.stderr, flush=True)
+    return {system: {level: median_rounds(rows) for level, rows in levels.items()}
+            for system, levels in rounds.items()}
 
 
 def _ints(text: str) -> list[int]:
@@ -487,6 +517,8 @@ def main() -> int:
     parser.add_argument("--streams", type=_ints, default=[16, 64], help="concurrent streams per level")
     parser.add_argument("--mixes", type=lambda s: s.split(","), default=["short", "mixed"])
     parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each level, the stacks taking turns; rows are medians")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--vllm-variant", choices=("bf16", "fp32"), default="bf16",
                         help="weights of the vLLM artifact (bf16: what vLLM's CPU build runs best)")
