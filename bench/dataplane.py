@@ -53,7 +53,7 @@ import numpy as np
 
 from llmserve.artifacts import client, gate, testmodels
 from llmserve.artifacts.manifest import Serving, pull
-from llmserve.predictors.local import LocalPredictor
+from llmserve.testbed.local_predictor import LocalPredictor
 from llmserve.testbed.procs import free_ports
 from llmserve.testbed.triton import TritonServer, engine_env
 

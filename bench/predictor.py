@@ -41,7 +41,7 @@ import tritonclient.http as httpclient
 
 from llmserve.artifacts import client as triton_client
 from llmserve.artifacts import testmodels
-from llmserve.predictors.local import LocalPredictor
+from llmserve.testbed.local_predictor import LocalPredictor
 from llmserve.testbed.triton import TritonServer
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"

@@ -60,7 +60,7 @@ def step(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from llmserve.cli import CommandError
     from llmserve.testbed.local_operator import OperatorError
-    from llmserve.predictors.local import PredictorError
+    from llmserve.testbed.local_predictor import PredictorError
     from llmserve.testbed.cluster import TestBedError
     from llmserve.testbed.toolchain import BuildError
     from llmserve.testbed.triton import TritonError
@@ -223,7 +223,7 @@ def on_this_cpu(argv: list[str], engine: str) -> list[str]:
 def run_data_plane_and_ask(deployment: dict, bed, args, stack: ExitStack, work: Path) -> str:
     from openai import OpenAI
 
-    from llmserve.predictors.local import LocalPredictor
+    from llmserve.testbed.local_predictor import LocalPredictor
     from llmserve.testbed.storage import claim_directory
     from llmserve.testbed.triton import TritonServer
 

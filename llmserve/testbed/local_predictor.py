@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..testbed.procs import LocalServer, free_ports
-from ..testbed.triton import _http_ok
-from .cli import predictor_command
+from llmserve.predictors.cli import predictor_command
+
+from .procs import LocalServer, free_ports
+from .triton import _http_ok
 
 
 class PredictorError(RuntimeError):
