@@ -71,6 +71,30 @@ def test_requests_joining_a_running_batch_get_the_same_tokens(tiny_lm_artifact):
     assert [s.output_ids for s in joined] == alone
 
 
+def test_the_kv_budget_admits_what_fits_and_refuses_what_never_can(tiny_lm_artifact):
+    """The ONNX engine's dense cache has a memory budget: rows join the batch only while every
+    row, padded to the longest, fits until it finishes; a request that alone exceeds it is refused
+    with the budget named (instead of growing the process until the kernel kills it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shipped_generate_budget", tiny_lm_artifact.path / "model.py")
+    shipped = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shipped)
+    per_position = shipped.CausalLM(tiny_lm_artifact.path).kv_bytes(1)
+    lm = shipped.CausalLM(tiny_lm_artifact.path, kv_cache_bytes=per_position * 100)
+    short = shipped.Sequence(prompt_ids=lm.encode("Now"), max_tokens=20)
+    lm.check(short)
+    batch = shipped.Batch(lm)
+    width = len(short.prompt_ids) + short.max_tokens
+    assert batch.fits([short] * (100 // width)) and not batch.fits([short] * (100 // width + 1))
+    batch.admit([short], lambda seq: None)
+    longer = shipped.Sequence(prompt_ids=lm.encode("Beautiful is better than ugly."), max_tokens=60)
+    lm.check(longer)
+    assert not batch.fits([longer])  # two rows padded to the longer one's 60+ positions
+    with pytest.raises(ValueError, match="budget \\(kv_cache_memory_bytes\\)"):
+        lm.check(shipped.Sequence(prompt_ids=lm.encode("x" * 50), max_tokens=80))
+
+
 def test_generate_sampling_stop_streaming_and_errors(tiny_lm_artifact, triton_server, tmp_path):
     server = triton_server(_pulled(tiny_lm_artifact, tmp_path), {"tiny-lm": 1})
     url = server.grpc_url

@@ -29,6 +29,7 @@ publishes the engine metrics the canary analysis and autoscaling read (docs/engi
 with vLLM's names, through Triton's custom-metrics API (`EngineMetrics`).
 """
 
+import collections
 import json
 import queue
 import threading
@@ -47,6 +48,10 @@ except ImportError:  # imported by the builder's accuracy gate, outside Triton
     pb_utils = None
 
 DEFAULT_MAX_TOKENS = 16
+# The KV cache's memory budget unless engine_args sets vLLM's `kv_cache_memory_bytes`: the cache
+# is dense and padded (every row as wide as the longest), so without a bound a few long prompts
+# among many streams grew the model's process until the kernel killed it.
+DEFAULT_KV_CACHE_BYTES = 2 << 30
 
 
 @dataclass
@@ -75,7 +80,7 @@ class CausalLM:
     """The ONNX artifact plus its tokenizer; no Triton dependency."""
 
     def __init__(self, version_dir, session_options=None, providers=("CPUExecutionProvider",),
-                 max_model_len=None):
+                 max_model_len=None, kv_cache_bytes=DEFAULT_KV_CACHE_BYTES):
         version_dir = Path(version_dir)
         self.meta = json.loads((version_dir / "artifact.json").read_text())
         self.session = ort.InferenceSession(
@@ -86,6 +91,7 @@ class CausalLM:
         self.layers = self.meta["num_layers"]
         self.context_length = min(self.meta["context_length"], max_model_len or self.meta["context_length"])
         self.past_dtype = np.dtype(self.meta["past_dtype"])
+        self.kv_cache_bytes = kv_cache_bytes
 
     # -- tokenization -------------------------------------------------------------------------
 
@@ -114,6 +120,11 @@ class CausalLM:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- the network ------------------------------------------------------------------------------
+
+    def kv_bytes(self, positions):
+        """Bytes of KV cache that `positions` cached positions (rows x width) take."""
+        per_position = 2 * self.layers * self.meta["num_kv_heads"] * self.meta["head_dim"]
+        return positions * per_position * self.past_dtype.itemsize
 
     def empty_past(self, batch):
         shape = (batch, self.meta["num_kv_heads"], 0, self.meta["head_dim"])
@@ -145,6 +156,10 @@ class CausalLM:
             )
         if seq.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
+        need = self.kv_bytes(len(seq.prompt_ids) + min(seq.max_tokens, room))
+        if need > self.kv_cache_bytes:
+            raise ValueError(f"the prompt and max_tokens need {need} bytes of KV cache; the budget "
+                             f"(kv_cache_memory_bytes) is {self.kv_cache_bytes}")
         if not (seq.temperature >= 0 and 0 < seq.top_p <= 1):
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         seq.max_tokens = min(seq.max_tokens, room)
@@ -195,6 +210,13 @@ class Batch:
         self.lm = lm
         self.seqs = []
         self.past = self.mask = self.positions = None
+
+    def fits(self, seqs):
+        """Whether the running rows plus `seqs` stay within the KV budget until they finish: rows
+        are left-padded to the longest, and no row grows past its prompt plus max_tokens."""
+        rows = self.seqs + list(seqs)
+        width = max(len(s.prompt_ids) + s.max_tokens for s in rows)
+        return self.lm.kv_bytes(len(rows) * width) <= self.lm.kv_cache_bytes
 
     def admit(self, seqs, on_update):
         """Prefill `seqs`, choose their first token and add those still running."""
@@ -379,7 +401,8 @@ class TritonPythonModel:
         engine_args = json.loads(parameter(config, "engine_args", "{}"))
         providers = execution_providers(args.get("model_instance_kind"), args.get("model_instance_device_id", 0),
                                         config)
-        self.lm = CausalLM(version_dir, providers=providers, max_model_len=engine_args.get("max_model_len"))
+        self.lm = CausalLM(version_dir, providers=providers, max_model_len=engine_args.get("max_model_len"),
+                           kv_cache_bytes=int(engine_args.get("kv_cache_memory_bytes") or DEFAULT_KV_CACHE_BYTES))
         self.max_running = max(1, int(engine_args.get("max_num_seqs") or config.get("max_batch_size", 0) or 1))
         self.metrics = EngineMetrics(args["model_name"], args["model_version"])
         self.pending = queue.Queue()
@@ -404,17 +427,21 @@ class TritonPythonModel:
 
     def _loop(self):
         batch = Batch(self.lm)
+        queued = collections.deque()  # (seq, stream, sender) in arrival order, not yet admitted
         while True:
-            arrivals = []
-            if not batch.seqs:
-                arrivals.append(self.pending.get())  # idle: wait for work
-            while len(batch.seqs) + len(arrivals) < self.max_running:
+            if not batch.seqs and not queued:
+                queued.append(self.pending.get())  # idle: wait for work
+            while True:
                 try:
-                    arrivals.append(self.pending.get_nowait())
+                    queued.append(self.pending.get_nowait())
                 except queue.Empty:
                     break
-            if None in arrivals:  # finalize()
+            if None in queued:  # finalize()
                 return
+            arrivals = []  # first come, first served: admission stops at the first that does not fit
+            while queued and len(batch.seqs) + len(arrivals) < self.max_running and (
+                    not batch.seqs and not arrivals or batch.fits([s for s, _, _ in arrivals] + [queued[0][0]])):
+                arrivals.append(queued.popleft())
             for seq, stream, sender in arrivals:
                 self.clients[id(seq)] = (stream, sender)
             try:
@@ -426,14 +453,13 @@ class TritonPythonModel:
                         self.metrics.failure.increment(1)
                         _send_error(self.clients.pop(id(seq))[1], f"generation failed: {exc}")
                 batch = Batch(self.lm)
-            self.metrics.load(len(batch.seqs), self.pending.qsize(), self._kv_usage(batch))
+            self.metrics.load(len(batch.seqs), len(queued) + self.pending.qsize(), self._kv_usage(batch))
 
     def _kv_usage(self, batch):
-        """Cached positions of the running rows per position the batch may hold (max_num_seqs
-        rows of the whole context window): vLLM's KV-cache usage, for a dense cache."""
+        """The padded cache's share of the KV budget: vLLM's KV-cache usage, for a dense cache."""
         if batch.mask is None:
             return 0.0
-        return float(batch.mask.sum()) / (self.max_running * self.lm.context_length)
+        return min(1.0, self.lm.kv_bytes(batch.mask.size) / self.lm.kv_cache_bytes)
 
     def _on_update(self, seq):
         stream, sender = self.clients[id(seq)]
