@@ -315,9 +315,17 @@ class TritonPythonModel:
             self.running.pop(job.request_id, None)
             if task.cancelled():  # cancelled before it started: Triton still needs the final flag
                 self.metrics.finished("abort")
-                self.calls.put(sender.send, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self._end(job, sender.send, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         task.add_done_callback(done)
+
+    def _end(self, job, call, *args, **kwargs):
+        """Queue the call that sends a request's final response, after taking the request out of
+        `running` (both on the loop): Triton frees a request once its final response is sent, and
+        a cancellation check queued behind that send would crash the server. Checks queued
+        earlier run earlier (one FIFO thread); later ones no longer see the request."""
+        self.running.pop(job.request_id, None)
+        self.calls.put(call, *args, **kwargs)
 
     async def _watch_cancellations(self):
         while True:
@@ -347,20 +355,21 @@ class TritonPythonModel:
                 responses = [self._response(job, output, choice, top_n) for choice in output.outputs]
                 responses = [r for r in responses if r is not None]
                 for i, response in enumerate(responses):
-                    last = output.finished and i == len(responses) - 1
-                    self.calls.put(sender.send, response,
-                                   flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
+                    if output.finished and i == len(responses) - 1:
+                        self._end(job, sender.send, response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    else:
+                        self.calls.put(sender.send, response, flags=0)
                 if output.finished and not responses:
-                    self.calls.put(sender.send, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    self._end(job, sender.send, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except asyncio.CancelledError:
             # vLLM reports no statistics for a request its caller aborts: count it here.
             self.metrics.finished("abort")
-            self.calls.put(sender.send, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # the client is gone
+            self._end(job, sender.send, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # the client is gone
         except Exception as exc:  # noqa: BLE001 - every request must end with a response
             message = str(exc) or type(exc).__name__
             self.metrics.failure()
             kind = "invalid argument" if _is_client_error(exc) else "generation failed"
-            self.calls.put(_send_error, sender, f"{kind}: {message}")
+            self._end(job, _send_error, sender, f"{kind}: {message}")
 
     def _response(self, job, output, completion, top_n):
         state = job.choices.setdefault(completion.index, Choice())
