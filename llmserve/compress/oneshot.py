@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,10 @@ def check_group_size(group_size: int, inputs: dict[str, int]) -> None:
 
 def job_request(name: str, params: dict) -> dict:
     """The recipe part of the job's request for method `name` with its parsed `params`."""
-    request = {"scheme": SCHEMES[name], "ignore": [k for k in params["keep"].split("+") if k]}
+    # llmcompressor's ignore list matches whole module names or "re:" patterns; `keep` holds
+    # name fragments (as for quantize-int8/4), so each becomes a pattern.
+    request = {"scheme": SCHEMES[name],
+               "ignore": [f"re:.*{re.escape(k)}.*" for k in params["keep"].split("+") if k]}
     if name == "w8a8":
         request |= {"smoothing_strength": params["smoothing_strength"], "dampening": params["dampening"]}
     elif name == "w4a16":

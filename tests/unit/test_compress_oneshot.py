@@ -32,10 +32,10 @@ def test_head_dim_defaults_to_hidden_over_heads():
 
 def test_job_requests_carry_the_scheme_and_its_parameters():
     _, w8 = parse("w8a8:smoothing_strength=0.5")
-    assert oneshot.job_request("w8a8", w8) == {"scheme": "W8A8", "ignore": ["lm_head"],
+    assert oneshot.job_request("w8a8", w8) == {"scheme": "W8A8", "ignore": ["re:.*lm_head.*"],
                                                "smoothing_strength": 0.5, "dampening": 0.01}
     _, w4 = parse("w4a16:group_size=64,keep=lm_head+down_proj")
-    assert oneshot.job_request("w4a16", w4) == {"scheme": "W4A16", "ignore": ["lm_head", "down_proj"],
+    assert oneshot.job_request("w4a16", w4) == {"scheme": "W4A16", "ignore": ["re:.*lm_head.*", "re:.*down_proj.*"],
                                                 "group_size": 64, "symmetric": True, "dampening": 0.01}
 
 
