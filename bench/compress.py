@@ -13,7 +13,9 @@ otherwise) and measures:
 - with `--engines vllm`: output tokens/s of vLLM's CPU build (bf16 artifact, OpenAI server,
   `--streams` streams of short prompts, 2 requests each, `--tokens` tokens) through
   bench/dataplane.py's serving and measuring code, with its engine arguments (enforce_eager,
-  2 GiB KV cache, VLLM_CPU_NUM_OF_RESERVED_CPU=0);
+  2 GiB KV cache, VLLM_CPU_NUM_OF_RESERVED_CPU=0); every row's server is started first, then the
+  rows take turns for `--rounds` rounds and report medians (a shared machine's load bursts fall
+  on all rows alike);
 - peak resident memory of the compression step (each row compresses in a child process).
 
 A refused row is still measured for speed (its model is kept in the benchmark's temporary
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "compress.json"
@@ -108,25 +111,46 @@ def compress_child(source: Path, out: Path, methods: list[str]) -> dict:
     return row
 
 
-def vllm_throughput(model_dir: Path, name: str, work: Path, streams: int, tokens: int) -> dict:
-    """Output tokens/s of vLLM's CPU build on `model_dir` (bf16 artifact, OpenAI server): the
-    serving and measuring code of bench/dataplane.py, short prompts, 2 requests per stream.
-    A model whose bf16 artifact the build's own gate refuses (a badly pruned model's flat
-    distributions flip near-ties under bf16) is measured as fp32, and the row says so."""
+def _serve_vllm(stack: ExitStack, dataplane, model_dir: Path, name: str, work: Path, opts) -> tuple[str, str]:
+    """Start vLLM's CPU build on `model_dir` (its OpenAI server, bench/dataplane.py's engine
+    arguments); returns its URL and the artifact's variant. A model whose bf16 artifact the
+    build's own gate refuses (a badly pruned model's flat distributions flip near-ties under
+    bf16) is served as fp32, and the row says so."""
     from llmserve.artifacts.build import BuildError
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import dataplane
-
     for variant in ("bf16", "fp32"):
-        opts = argparse.Namespace(vllm_variant=variant, engine_args={}, mixes=["short"], streams=[streams],
-                                  requests_per_stream=2, max_tokens=tokens)
         try:
-            with dataplane.serve("vllm", model_dir, name, work, opts) as url:
-                return dataplane.measure(url, name, opts)[f"short/{streams}"] | {"vllm_variant": variant}
+            url = stack.enter_context(dataplane.serve("vllm", model_dir, name, work / variant,
+                                                      argparse.Namespace(**vars(opts), vllm_variant=variant)))
+            return url, variant
         except BuildError as exc:
             print(f"[bench] {name}: the {variant} vLLM artifact was refused: {exc}", file=sys.stderr, flush=True)
     raise RuntimeError(f"{name}: no vLLM artifact passed the build's gate")
+
+
+def vllm_throughputs(models: dict[str, Path], work: Path, args) -> dict[str, dict]:
+    """Output tokens/s of vLLM's CPU build for every row at once: all rows' servers start first,
+    then `--rounds` rounds of `--streams` short-prompt streams (2 requests each) in which the
+    rows take turns (order rotated), so load from elsewhere on the shared machine falls on every
+    row alike; each row reports the median of its rounds."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import dataplane
+
+    opts = argparse.Namespace(engine_args={}, mixes=["short"], streams=[args.streams],
+                              requests_per_stream=2, max_tokens=args.tokens)
+    rounds: dict[str, list[dict]] = {name: [] for name in models}
+    with ExitStack() as stack:
+        served = {}
+        for name, model_dir in models.items():
+            served[name] = _serve_vllm(stack, dataplane, model_dir, name.replace("+", "-"), work / name, opts)
+            dataplane.measure_level(served[name][0], name.replace("+", "-"), "short", 2, opts)  # warm-up
+        names = list(models)
+        for turn in range(args.rounds):
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                row = dataplane.measure_level(served[name][0], name.replace("+", "-"), "short", args.streams, opts)
+                rounds[name].append(row)
+                print(f"[bench] vLLM round {turn + 1} {name}: {row}", file=sys.stderr, flush=True)
+    return {name: dataplane.median_rounds(rows) | {"vllm_variant": served[name][1]} for name, rows in rounds.items()}
 
 
 def bench_row(name: str, source: Path, work: Path, args) -> dict:
@@ -149,10 +173,8 @@ def bench_row(name: str, source: Path, work: Path, args) -> dict:
     if args.gate_only or not (model_dir / "config.json").is_file():
         return row
     row["hf_weight_bytes"] = _dir_bytes(model_dir, "*.safetensors")
+    row["model_dir"] = str(model_dir)
     model_name = name.replace("+", "-")
-    if "vllm" in args.engines:
-        row["engine_vllm"] = vllm_throughput(model_dir, model_name, work / f"{model_name}-vllm",
-                                             args.streams, args.tokens)
     if "onnx" in args.engines and variant:
         built = build(BuildRequest(source=model_dir, repo=work / "repo", model=model_name,
                                    kind="generate", variant=variant))
@@ -215,6 +237,7 @@ def main() -> int:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="vLLM speed rounds, the rows taking turns; medians")
     parser.add_argument("--drop", type=int, default=12, help="layers dropped by the pruned rows")
     parser.add_argument("--steps", type=int, default=12, help="distillation steps (12 fit ~20 min "
                         "on the shared 2-core machine; more steps close more of the gap)")
@@ -242,13 +265,23 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         work = args.work.resolve() if args.work else Path(tmp)
+        def save():
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"source": note, "streams": args.streams, "tokens": args.tokens,
+                                            "rounds": args.rounds, "rows": results}, indent=2))
+            print(table(results, note), flush=True)
+
         for name in rows:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             results.append(bench_row(name, source, work, args))
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"source": note, "streams": args.streams,
-                                            "tokens": args.tokens, "rows": results}, indent=2))
-            print(table(results, note), flush=True)
+            save()
+        if "vllm" in args.engines and not args.gate_only:
+            models = {r["row"]: Path(r["model_dir"]) for r in results if "model_dir" in r}
+            speeds = vllm_throughputs(models, work / "vllm", args)
+            for r in results:
+                if r["row"] in speeds:
+                    r["engine_vllm"] = speeds[r["row"]]
+            save()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -377,13 +377,6 @@ def measure_level(url: str, model: str, mix: str, streams: int, args) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
-def measure(url: str, model: str, args) -> dict:
-    """Every (mix, streams) level against one stack, once, after two warm-up requests."""
-    asyncio.run(_level(url, model, SHORT_PROMPTS[:2], 2, args.max_tokens))
-    return {f"{mix}/{streams}": measure_level(url, model, mix, streams, args)
-            for mix in args.mixes for streams in args.streams}
-
-
 def median_rounds(rounds: list[dict]) -> dict:
     """A level's rounds as one row: the median of each metric, the rounds kept beside it. A
     level that failed in any round is reported as failed."""

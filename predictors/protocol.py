@@ -320,7 +320,8 @@ class Usage:
 @dataclass(frozen=True)
 class Chunk:
     """One response of a generate model (model_repo/README.md): the whole text of choice
-    ``index``, or its next piece when streaming, with that choice's token counts so far and the
+    ``index``, or its next piece when streaming, with that choice's token counts so far (the
+    prompt's only in a choice's last response: ``usage.prompt_tokens`` is None before) and the
     log probabilities of this piece's tokens (``[{"token", "logprob", "top_logprobs"}]``)."""
 
     text: str
@@ -357,7 +358,8 @@ class Generation:
         if chunk.finish_reason is not None:
             self._finished[chunk.index] = chunk.finish_reason
         self._completion_tokens[chunk.index] = chunk.usage.completion_tokens
-        self._prompt_tokens = chunk.usage.prompt_tokens
+        if chunk.usage.prompt_tokens is not None:  # a choice's last response carries it
+            self._prompt_tokens = chunk.usage.prompt_tokens
 
     @property
     def done(self) -> bool:

@@ -200,20 +200,20 @@ def _bytes(value: Any) -> bytes:
 def generate_chunk(result: grpcclient.InferResult) -> Chunk:
     """A generate model's response (model_repo/README.md) as a ``Chunk``."""
 
-    def scalar(name: str) -> Any:
-        return result.as_numpy(name).reshape(-1)[0]
-
     def optional(name: str) -> Any:
-        """An output only some engines have (the vLLM model's ``index`` and ``logprobs``)."""
+        """An output a response may leave out: the vLLM model sends ``index`` only for n > 1,
+        ``logprobs`` only when asked, ``finish_reason`` and ``prompt_tokens`` only in a choice's
+        last response (the ONNX model sends every output in every response)."""
         array = result.as_numpy(name)
         return None if array is None or not array.size else array.reshape(-1)[0]
 
-    finish = scalar("finish_reason").decode()
+    finish, prompt_tokens = optional("finish_reason"), optional("prompt_tokens")
     index, logprobs = optional("index"), optional("logprobs")
     return Chunk(
-        text=scalar("text_output").decode("utf-8", "replace"),
-        finish_reason=finish or None,
-        usage=Usage(prompt_tokens=int(scalar("prompt_tokens")), completion_tokens=int(scalar("completion_tokens"))),
+        text=optional("text_output").decode("utf-8", "replace"),
+        finish_reason=(finish.decode() or None) if finish is not None else None,
+        usage=Usage(prompt_tokens=None if prompt_tokens is None else int(prompt_tokens),
+                    completion_tokens=int(optional("completion_tokens"))),
         index=0 if index is None else int(index),
         logprobs=orjson.loads(logprobs) if logprobs else None,
     )

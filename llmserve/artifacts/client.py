@@ -102,11 +102,15 @@ def generate(grpc_url: str, model: str, requests: list[dict], timeout: float = 3
                 values = result.as_numpy(name)
                 return None if values is None else values.reshape(-1)[0]
 
+            # The vLLM model leaves out what a chunk does not change: index for n = 1, logprobs
+            # unless asked, finish_reason and prompt_tokens until a choice's last response.
             index = int(scalar("index") or 0)
             chunks[rid].setdefault(index, []).append(scalar("text_output").decode())
-            gen.prompt_tokens = int(scalar("prompt_tokens"))
+            if scalar("prompt_tokens") is not None:
+                gen.prompt_tokens = int(scalar("prompt_tokens"))
             if index == 0:
-                gen.finish_reason = scalar("finish_reason").decode()
+                if scalar("finish_reason") is not None:
+                    gen.finish_reason = scalar("finish_reason").decode()
                 gen.completion_tokens = int(scalar("completion_tokens"))
                 entries = scalar("logprobs")
                 gen.logprobs += json.loads(entries) if entries else []

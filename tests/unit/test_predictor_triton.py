@@ -5,7 +5,7 @@ import numpy as np
 import orjson
 import pytest
 
-from llmserve.predictors.protocol import APIError, Usage
+from llmserve.predictors.protocol import APIError, Generation, Usage
 from llmserve.predictors.triton import ModelInterface, generate_chunk, grpcclient, in_band_error
 
 from tritonclient.grpc import service_pb2  # noqa: E402  (after llmserve.predictors.triton's import)
@@ -75,3 +75,13 @@ def test_a_vllm_response_carries_its_choice_index_and_logprobs():
                                     logprobs=("BYTES", orjson.dumps(tokens))))
     assert (chunk.finish_reason, chunk.index, chunk.logprobs) == ("stop", 1, tokens)
     assert generate_chunk(response(**BASE, logprobs=("BYTES", b""))).logprobs is None  # not requested
+
+
+def test_a_vllm_mid_stream_chunk_carries_only_what_changed():
+    """The vLLM model's chunks before a choice's last carry its text and token count only."""
+    chunk = generate_chunk(response(text_output=("BYTES", "Hi"), completion_tokens=("INT32", 3)))
+    assert (chunk.text, chunk.finish_reason, chunk.usage, chunk.index) == ("Hi", None, Usage(None, 3), 0)
+    generation = Generation(1)
+    generation.add(generate_chunk(response(**{**BASE, "finish_reason": ("BYTES", "length")})))
+    generation.add(chunk)
+    assert generation.usage == Usage(7, 3)  # the prompt's count from the response that had it

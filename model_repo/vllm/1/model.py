@@ -17,9 +17,11 @@ Requests (all optional except one of text_input/messages; docs/engines.md has th
   stop BYTES[-1] | stream BOOL
   sampling_parameters BYTES JSON {top_k, n, logprobs, presence_penalty, frequency_penalty,
       repetition_penalty, min_p, logit_bias, response_format}
-Responses: text_output, finish_reason ("stop" | "length" | "" while streaming), prompt_tokens,
-completion_tokens, index (choice), logprobs (JSON). Without streaming one response per choice;
-with streaming one per new chunk per choice; the request's last response carries the FINAL flag.
+Responses: text_output and completion_tokens (so far) always; index (choice) when n > 1; logprobs
+(JSON) when asked for; finish_reason ("stop" | "length") and prompt_tokens in a choice's last
+response only. Without streaming one response per choice; with streaming one per new chunk per
+choice; the request's last response carries the FINAL flag. Every tensor a chunk carries costs the
+stub, Triton and the predictor work per token and stream, so chunks carry only what changes.
 """
 
 import asyncio
@@ -380,17 +382,18 @@ class TritonPythonModel:
         finish = {"stop": "stop", "length": "length"}.get(completion.finish_reason or "", "")
         if state.finished and not finish:
             finish = "stop"
-        entries = ""
-        if top_n is not None and completion.logprobs:
-            entries = json.dumps(logprob_entries(completion.token_ids, completion.logprobs, top_n))
         tensors = {
             "text_output": np.array([completion.text.encode("utf-8")], dtype=object),
-            "finish_reason": np.array([finish.encode()], dtype=object),
-            "prompt_tokens": np.array([len(output.prompt_token_ids or ())], np.int32),
             "completion_tokens": np.array([state.completion_tokens], np.int32),
-            "index": np.array([completion.index], np.int32),
-            "logprobs": np.array([entries.encode()], dtype=object),
         }
+        if job.sampling.get("n", 1) > 1:
+            tensors["index"] = np.array([completion.index], np.int32)
+        if top_n is not None and completion.logprobs:
+            entries = logprob_entries(completion.token_ids, completion.logprobs, top_n)
+            tensors["logprobs"] = np.array([json.dumps(entries).encode()], dtype=object)
+        if state.finished:
+            tensors["finish_reason"] = np.array([finish.encode()], dtype=object)
+            tensors["prompt_tokens"] = np.array([len(output.prompt_token_ids or ())], np.int32)
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(name, value) for name, value in tensors.items()])
 
