@@ -54,7 +54,7 @@ ROWS = {
     "2of4": (["prune-2of4:score=wanda"], "fp32"),
     "pruned": (["drop-layers:count={drop}"], "fp32"),
     "pruned+distilled": (["drop-layers:count={drop}", "distill:steps={steps},{distill}"], "fp32"),
-    "w8a8": (["w8a8:samples=16"], None),
+    "w8a8": (["w8a8:samples=16,keep=lm_head+down_proj"], None),  # down_proj in bf16: passes the 8-bit gate
     "w4a16": (["w4a16:group_size=64,samples=16"], None),  # 128 does not divide 576 (SmolLM2)
 }
 
