@@ -13,3 +13,12 @@ pytest_plugins = sorted(
     for path in (Path(__file__).parent / "fixtures").glob("*.py")
     if not path.name.startswith("_")
 )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so fixtures can tell at teardown whether the
+    test failed (the namespace fixture then prints what the cluster held)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

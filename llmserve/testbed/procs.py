@@ -9,7 +9,8 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 
@@ -38,11 +39,30 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:]) or f"(empty log at {path})"
 
 
+@contextmanager
+def _children_on(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Processes started inside run on ``cpus`` (None: anywhere), like a pod given a cpuset.
+
+    A forked child inherits the CPU mask of the thread that forks it, and on Linux
+    ``sched_setaffinity(0, ...)`` sets only the calling thread's mask: narrowing it around the
+    fork is safe while other threads start their own servers."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 class LocalProcess:
     """A child process in its own session, with stdout and stderr in one log file.
 
     Its own session makes it the leader of a process group, so ``stop`` can also reach the
     processes it forked (Triton's python-backend stubs) even after the leader is gone.
+    ``cpus`` confines it and everything it starts to those CPUs.
     """
 
     def __init__(
@@ -52,16 +72,18 @@ class LocalProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        cpus: frozenset[int] | None = None,
     ) -> None:
         self.argv = list(argv)
         self.log_path = log_path
         self._env = dict(env) if env is not None else None
         self._cwd = cwd
+        self._cpus = cpus
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start the process; its output goes to ``log_path`` (truncated first)."""
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "wb") as log, _children_on(self._cpus):
             self._proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
@@ -112,8 +134,9 @@ class LocalServer:
     error: type[Exception] = RuntimeError
     stop_grace = 30.0
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: frozenset[int] | None = None) -> None:
         self.port = 0
+        self.cpus = cpus
         self._workdir: Path | None = None
         self._process: LocalProcess | None = None
 
@@ -138,7 +161,7 @@ class LocalServer:
         self._workdir = Path(tempfile.mkdtemp(prefix=self.workdir_prefix))
         try:
             argv, env = self._command(self._workdir)
-            self._process = LocalProcess(argv, self.log_path, env=env, cwd=self._workdir)
+            self._process = LocalProcess(argv, self.log_path, env=env, cwd=self._workdir, cpus=self.cpus)
             self._process.start()
             self._wait_ready()
         except BaseException:
