@@ -29,6 +29,10 @@ from .spec import (
 from .units import parse_quantity
 
 PREDICTOR_PORT = 8080
+PULLER_CONTAINER = "model-puller"
+# Where the puller writes what it installed (the kubelet's default path, set explicitly): the
+# kubelet copies it into the pod's status, where the operator reads it (status.served_model()).
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 MODELS_DIR, REPOSITORY_DIR = "/models", "/repository"
 STARTUP_PROBE_PERIOD = 10
 # The image's non-root user: tritonserver images run as triton-server (uid 1000); ours match.
@@ -96,10 +100,11 @@ def _http_probe(path: str, port: str, period: int, failures: int, timeout: int =
 
 
 def puller_command(spec: Spec) -> list[str]:
-    """`llmserve pull`: copy exactly one version into /models and verify it against its manifest."""
+    """`llmserve pull`: copy exactly one version into /models and verify it against its manifest,
+    then report what it installed (or why not) in its termination message."""
     source = f"{REPOSITORY_DIR}/{spec.repository.path}".rstrip("/")
     cmd = ["llmserve", "pull", "--source", source, "--model", spec.model,
-           "--version", str(spec.version), "--dest", MODELS_DIR,
+           "--version", str(spec.version), "--dest", MODELS_DIR, "--termination-message", TERMINATION_MESSAGE_PATH,
            # The pulled copy's config.pbtxt carries how this pod runs the model (docs/engines.md).
            "--engine", spec.engine, "--instance-kind", spec.instance_kind]
     if spec.engine_args:
@@ -172,9 +177,11 @@ def predictor_container(spec: Spec, images: Images) -> dict:
 
 def puller_container(spec: Spec, images: Images) -> dict:
     return {
-        "name": "model-puller",
+        "name": PULLER_CONTAINER,
         "image": images.puller,
         "command": puller_command(spec),
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "File",
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "volumeMounts": [
             {"name": "repository", "mountPath": REPOSITORY_DIR, "readOnly": True},

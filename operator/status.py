@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from . import autoscaling, lws
 from . import conditions as cond
 from .conditions import FALSE, TRUE, Condition
+from .puller_report import message_of, parse, served_model
 from .render import PREDICTOR_PORT
 from .rollout import Plan
 from .lws import group_of
@@ -86,6 +87,8 @@ def pod_summary(pod: dict) -> dict:
         "trouble": list(trouble) if trouble else None,
         # `<LeaderWorkerSet>/<group index>` of a multi-node replica's member, else "".
         "group": group_of(meta.get("labels") or {}),
+        # What its model puller installed (puller_report), published as status.<track>.model.
+        "model": parse(message_of(pod)),
     }
 
 
@@ -221,7 +224,7 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str, plan
         "observedGeneration": spec.generation,
         "conditions": cond.merge((previous or {}).get("conditions"), [readiness, progressing, degraded],
                                  generation=spec.generation, now=now),
-        "stable": {**plan.status["stable"], "deployment": stable_name},
+        "stable": _with_model({**plan.status["stable"], "deployment": stable_name}, seen.pods, previous),
         "rollout": plan.status["rollout"],
         "history": plan.status["history"],
         # What the scale subresource reports to an HPA: never the rollout's surge pods (an HPA
@@ -236,10 +239,17 @@ def compute(spec: Spec, seen: Observation, previous: dict | None, now: str, plan
         "unschedulableReplicas": unschedulable(seen.pods),
     }
     if plan.canary is not None:
-        out["canary"] = {**plan.status["canary"], "deployment": deployment_name(spec.name, plan.canary.name)}
+        out["canary"] = _with_model({**plan.status["canary"], "deployment": deployment_name(spec.name, plan.canary.name)},
+                                    seen.pods, previous)
     if scaling:
         out["autoscaling"] = scaling
     return out
+
+
+def _with_model(block: dict, pods: list[dict], previous: dict | None) -> dict:
+    """A track's status block with what its pods' model puller installed, once one has said so."""
+    model = served_model(pods, block["revision"], block["version"], previous)
+    return {**block, "model": model} if model else block
 
 
 def invalid(previous: dict | None, generation: int, message: str, now: str) -> dict:

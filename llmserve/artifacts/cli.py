@@ -14,6 +14,7 @@ from pathlib import Path
 from ..argtypes import positive_int
 from ..cli import CommandError
 from .manifest import ENGINE_MARKERS, INSTANCE_KINDS, ManifestError, Serving, pull, verify_version
+from .report import TERMINATION_MESSAGE_LIMIT, pull_report
 from .repository import PublishError, ServingConfig
 
 
@@ -57,6 +58,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="causal LM gate: minimum teacher-forced next-token agreement (0.98)")
     build.add_argument("--min-greedy", type=float, default=0.0,
                        help="causal LM gate: minimum greedy agreement (default 0: report only)")
+    build.add_argument("--min-confident-agreement", type=float, default=0.98,
+                       help="vLLM gate of checkpoints that quantize activations (W8A8): minimum next-token "
+                            "agreement where the reference's top-1 probability is >= 0.5 (0.98)")
     build.set_defaults(func=_build)
 
     verify = sub.add_parser("verify", help="check a model version against its manifest")
@@ -83,6 +87,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pull_cmd.add_argument("--engine-args", type=_json_object, default={}, metavar="JSON",
                           help="engine settings (a JSON object) to write into the installed config.pbtxt as "
                                "parameter engine_args")
+    pull_cmd.add_argument("--termination-message", type=Path, metavar="PATH",
+                          help="also write what was installed (model, version, manifest sha256, compact "
+                               "lineage; JSON, at most 4096 bytes) or why the pull failed to PATH, the "
+                               "container's terminationMessagePath (the operator publishes it in the "
+                               "LLMService status); a PATH that cannot be written only gets a warning")
     pull_cmd.set_defaults(func=_pull)
 
 
@@ -125,7 +134,8 @@ def _build(args: argparse.Namespace) -> int:
                               queue_delay_us=args.queue_delay_us, parameters=_params(args.param)),
         thresholds=Thresholds(min_mean_cosine=args.min_cosine,
                               min_next_token_agreement=args.min_agreement,
-                              min_greedy_agreement=args.min_greedy),
+                              min_greedy_agreement=args.min_greedy,
+                              min_confident_next_token_agreement=args.min_confident_agreement),
         eval_texts=texts, max_length=args.max_length, engine=args.engine,
     )
     try:
@@ -151,10 +161,22 @@ def _pull(args: argparse.Namespace) -> int:
     try:
         manifest = pull(args.source, args.model, args.version, args.dest, args.sha256,
                         Serving(engine=args.engine, instance_kind=args.instance_kind, engine_args=args.engine_args))
-    except ManifestError as exc:
-        raise CommandError(str(exc)) from None
-    except OSError as exc:
-        raise CommandError(f"pull failed: {exc}") from None
+    except (ManifestError, OSError) as exc:
+        message = str(exc) if isinstance(exc, ManifestError) else f"pull failed: {exc}"
+        _write_termination_message(args.termination_message, message[-TERMINATION_MESSAGE_LIMIT:])
+        raise CommandError(message) from None
+    _write_termination_message(args.termination_message, pull_report(manifest, args.version))
     print(f"{args.model} version {args.version}: installed into {args.dest / args.model} "
           f"(manifest sha256 {manifest.sha256})", file=sys.stderr)
     return 0
+
+
+def _write_termination_message(path: Path | None, text: str) -> None:
+    """Best effort: the report is for the status, the pull's outcome does not depend on it."""
+    if path is None:
+        return
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        print(f"llmserve: warning: cannot write the termination message to {path}: {exc.strerror or exc}",
+              file=sys.stderr)

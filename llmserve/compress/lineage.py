@@ -53,3 +53,30 @@ def summary(lineage: dict | None) -> str:
         f"{m['name']}({','.join(f'{k}={v}' for k, v in sorted(m['params'].items()))})"
         for m in lineage["methods"])
     return f"teacher {lineage['teacher']['sha256'][:12]}: {steps}"
+
+
+# The gate's metrics a status reader weighs (the full record stays in the manifest).
+KEY_GATE_METRICS = ("mean_kl", "ppl_increase", "confident_agreement", "top1_agreement", "positions")
+
+
+def _param_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _rounded(value):
+    return value if isinstance(value, int) else float(f"{value:.4g}")
+
+
+def compact(lineage: dict) -> dict:
+    """The lineage in a few hundred bytes, for the model puller's termination message and from
+    there the LLMService status: methods with their parameters (as text), the source and teacher
+    digests, the gate's verdict with its key metrics."""
+    out = {"methods": [{"name": m["name"], "params": {k: _param_text(v) for k, v in sorted(m["params"].items())}}
+                       for m in lineage["methods"]],
+           "sourceSha256": lineage["source"]["sha256"], "teacherSha256": lineage["teacher"]["sha256"]}
+    if gate := lineage.get("gate"):
+        metrics = gate.get("metrics") or {}
+        out["gate"] = {"passed": bool(gate.get("passed")), "family": (gate.get("thresholds") or {}).get("family", ""),
+                       "metrics": {k: _rounded(metrics[k]) for k in KEY_GATE_METRICS
+                                   if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics[k], bool)}}
+    return out

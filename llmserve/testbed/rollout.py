@@ -69,13 +69,17 @@ CPU_VLLM_ENGINE_ARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20
 
 def pull_revision(stored: dict, serving: dict, source_repo: Path, destination: Path) -> Spec:
     """Run the model-puller command the operator renders for `serving` (a revision of the stored
-    LLMService `stored`) here, with the pod's volumes swapped for local directories: the served
-    config.pbtxt gets that revision's instance kind and engine settings exactly as in a pod, plus
-    `CPU_VLLM_ENGINE_ARGS` under them for vLLM (the revision's own settings win)."""
+    LLMService `stored`) here, with the pod's volumes swapped for local directories (and no
+    termination message): the served config.pbtxt gets that revision's instance kind and engine
+    settings exactly as in a pod, plus `CPU_VLLM_ENGINE_ARGS` under them for vLLM (the revision's
+    own settings win)."""
     spec = Spec.from_object(stored, serving)
     argv = puller_command(spec)
     argv[argv.index("--source") + 1] = str(source_repo)
     argv[argv.index("--dest") + 1] = str(destination)
+    # No pod here: nothing reads a termination message, and /dev is no place to write one.
+    flag = argv.index("--termination-message")
+    del argv[flag:flag + 2]
     if spec.engine == VLLM:
         settings = json.dumps({**CPU_VLLM_ENGINE_ARGS, **spec.engine_args})
         if "--engine-args" in argv:

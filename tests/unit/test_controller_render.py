@@ -132,9 +132,12 @@ def test_puller_fetches_exactly_one_version_and_verifies_the_digest():
                                   "sha256": digest}}, "model-puller")
     assert puller["image"] == IMAGES.puller
     assert puller["command"] == ["llmserve", "pull", "--source", "/repository/model_repo", "--model", "tiny-gpt",
-                                 "--version", "3", "--dest", "/models", "--engine", "vllm",
+                                 "--version", "3", "--dest", "/models",
+                                 "--termination-message", "/dev/termination-log", "--engine", "vllm",
                                  "--instance-kind", "KIND_MODEL", "--engine-args", '{"tensor_parallel_size":1}',
                                  "--sha256", digest]
+    # What it installed reaches the status through its termination message (puller_report).
+    assert (puller["terminationMessagePath"], puller["terminationMessagePolicy"]) == ("/dev/termination-log", "File")
     volumes = {v["name"]: v for v in pod()["volumes"]}
     assert volumes["repository"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
 
