@@ -4,15 +4,14 @@ refusing an over-pruned model; lineage surviving into the manifest. The compress
 methods (w8a8, w4a16: llmcompressor in the compression environment) go the same way on the vLLM
 engine: the checkpoint is published as is and served by vLLM's CPU build.
 
-The corpus is the tiny LM's own training text (the Zen of Python, from the stdlib's `this`), in
-paragraphs, so the teacher is confident enough for the gate to judge (on the Python reference it
-knows almost nothing).
+The corpus (fixture `zen_corpus`) is the tiny LM's own training text (the Zen of Python, from the
+stdlib's `this`), in paragraphs, so the teacher is confident enough for the gate to judge (on the
+Python reference it knows almost nothing).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import openai
 import pytest
@@ -20,19 +19,11 @@ import pytest
 from fixtures.predictor import TESTBED_VLLM_ENGINE_ARGS, _serve
 from llmserve.artifacts.build import BuildRequest, build
 from llmserve.artifacts.manifest import Serving, pull
-from llmserve.artifacts.testmodels import BuiltModel, _training_text
+from llmserve.artifacts.testmodels import BuiltModel
 from llmserve.compress.lineage import LINEAGE_FILE
 from llmserve.compress.pipeline import CompressError, CompressRequest, compress
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def zen_corpus(tmp_path_factory) -> Path:
-    body = _training_text().split("\n\n", 1)[1].split("The Zen of Python")[0].strip()
-    path = tmp_path_factory.mktemp("corpus") / "zen.txt"
-    path.write_text("\n\n".join(f"{body}\n(copy {i})" for i in range(14)))
-    return path
 
 
 def test_int4_compressed_model_builds_serves_and_keeps_its_lineage(tiny_lm_source, zen_corpus, tmp_path):

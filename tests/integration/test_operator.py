@@ -4,7 +4,10 @@ ServiceAccount permissions."""
 
 import asyncio
 import copy
+import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -299,6 +302,71 @@ def test_a_status_computed_from_an_older_version_is_refused(testbed, operator, n
         asyncio.run(write())
     assert refused.value.status == 409
     assert get_json(testbed, "llms", "stale", "-n", namespace)["status"]["endpoint"] != "http://stale.invalid:1"
+
+
+def run_puller_as_the_kubelet_would(testbed, namespace, pod, built, workdir) -> str:
+    """KWOK runs no init containers: run the pod's rendered model-puller command here (its volumes
+    swapped for local directories), then put its termination message into the pod's status as
+    the kubelet does. Returns the message."""
+    [puller] = pod["spec"]["initContainers"]
+    argv = list(puller["command"])
+    assert argv[argv.index("--termination-message") + 1] == puller["terminationMessagePath"]
+    assert puller["terminationMessagePolicy"] == "File"
+    message = workdir / "termination-log"
+    for flag, local in (("--source", built.repo), ("--dest", workdir / "models"), ("--termination-message", message)):
+        argv[argv.index(flag) + 1] = str(local)
+    done = subprocess.run([sys.executable, "-m", "llmserve", *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    statuses = pod["status"].get("initContainerStatuses") or []
+    terminated = {"exitCode": 0, "reason": "Completed", "message": message.read_text(),
+                  "startedAt": now_rfc3339(), "finishedAt": now_rfc3339()}
+    entry = {"name": puller["name"], "image": puller["image"], "imageID": "", "ready": True, "restartCount": 0,
+             "started": False, "state": {"terminated": terminated}, "lastState": {}}
+    index = next((i for i, cs in enumerate(statuses) if cs["name"] == puller["name"]), None)
+    patch = ([{"op": "add", "path": "/status/initContainerStatuses", "value": [entry]}] if index is None else
+             [{"op": "replace", "path": f"/status/initContainerStatuses/{index}/state",
+               "value": {"terminated": terminated}}])
+    testbed.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace, "--subresource=status",
+                    "--type=json", "-p", json.dumps(patch))
+    return message.read_text()
+
+
+def test_the_served_models_lineage_reaches_the_status(testbed, operator, namespace, tiny_compressed_artifact,
+                                                      tmp_path):
+    built = tiny_compressed_artifact
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    sha = hashlib.sha256((built.path / "manifest.json").read_bytes()).hexdigest()
+    obj = llmservice("lineage", namespace, version=built.version, runtime={"engine": "onnxruntime", "gpus": 1})
+    obj["spec"]["model"] |= {"name": built.name, "sha256": sha}
+    testbed.apply(obj)
+    assert "model" not in wait_ready(testbed, namespace, "lineage")["status"]["stable"]  # nothing reported yet
+
+    [pod] = get_json(testbed, "pods", "-n", namespace, "-l", "llmserve.io/service=lineage")["items"]
+    message = run_puller_as_the_kubelet_would(testbed, namespace, pod, built, tmp_path)
+    assert json.loads(message)["model"] == built.name
+
+    stable = wait_for(lambda: (o := get_json(testbed, "llms", "lineage", "-n", namespace))
+                      and o["status"]["stable"].get("model") and o["status"]["stable"], "the model in the status")
+    model = stable["model"]
+    assert (model["version"], model["manifestSha256"], model["variant"]) == (built.version, sha, "w8")
+    recorded = manifest["lineage"]
+    assert model["lineage"]["methods"] == [{"name": "quantize-int8", "params": {
+        k: v if isinstance(v, str) else json.dumps(v) for k, v in recorded["methods"][0]["params"].items()}}]
+    assert model["lineage"]["sourceSha256"] == recorded["source"]["sha256"] == model["lineage"]["teacherSha256"]
+    gate = model["lineage"]["gate"]
+    assert (gate["passed"], gate["family"]) == (True, recorded["gate"]["thresholds"]["family"])
+    assert gate["metrics"]["positions"] == recorded["gate"]["metrics"]["positions"] >= 2000
+    assert gate["metrics"]["mean_kl"] == pytest.approx(recorded["gate"]["metrics"]["mean_kl"], rel=1e-3)
+    table = testbed.kubectl("get", "llms", "lineage", "-n", namespace, "-o", "wide").stdout.splitlines()
+    at = table[0].index("METHODS")  # the columns are aligned; empty cells print as blanks
+    assert table[1][at:].split()[0] == "quantize-int8"
+
+    # Stable across reconciles: a poke makes the operator run again, and it writes nothing.
+    version = get_json(testbed, "llms", "lineage", "-n", namespace)["metadata"]["resourceVersion"]
+    before = operator.metrics()["llmserve_operator_reconciles_total"]
+    testbed.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", namespace, "example.com/poke=1")
+    wait_for(lambda: operator.metrics()["llmserve_operator_reconciles_total"] > before, "a reconcile")
+    assert get_json(testbed, "llms", "lineage", "-n", namespace)["metadata"]["resourceVersion"] == version
 
 
 def test_list_items_no_longer_rendered_are_removed_and_only_real_deletions_count(testbed, namespace):
