@@ -9,6 +9,9 @@ Conditions (all three always present, metav1.Condition shape):
   cannot be scheduled (the scheduler's own message), a model that fails to pull or load, an image
   that cannot be pulled, a child name owned by someone else, an API error. The reason says which,
   the message says why.
+
+Per track (`stable`, `canary`), `model` is what the model puller of a ready pod reported it
+installed: version, manifest sha256, lineage (llmserve.operator.puller_report).
 """
 
 from __future__ import annotations
