@@ -362,6 +362,8 @@ def test_the_served_models_lineage_reaches_the_status(testbed, operator, namespa
     assert table[1][at:].split()[0] == "quantize-int8"
 
     # Stable across reconciles: a poke makes the operator run again, and it writes nothing.
+    wait_for(lambda: condition(get_json(testbed, "llms", "lineage", "-n", namespace), "Progressing")["status"]
+             == "False", "the rollout to settle")
     version = get_json(testbed, "llms", "lineage", "-n", namespace)["metadata"]["resourceVersion"]
     before = operator.metrics()["llmserve_operator_reconciles_total"]
     testbed.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", namespace, "example.com/poke=1")
