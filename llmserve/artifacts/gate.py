@@ -68,6 +68,7 @@ class Thresholds:
     min_mean_cosine: float = 0.99
     min_next_token_agreement: float = 0.98
     min_greedy_agreement: float = 0.0
+    min_confident_next_token_agreement: float = 0.98
 
     def check(self, metrics: dict) -> list[str]:
         """Human-readable failures of `metrics` against these thresholds (empty: passed)."""
@@ -75,7 +76,10 @@ class Thresholds:
             "mean_cosine": self.min_mean_cosine,
             "next_token_agreement": self.min_next_token_agreement,
             "greedy_agreement": self.min_greedy_agreement,
+            "confident_next_token_agreement": self.min_confident_next_token_agreement,
         }
+        if metrics.get("confident_positions") == 0:
+            return ["confident_positions 0: the reference is confident nowhere in the evaluation texts"]
         return [
             f"{name} {metrics[name]:.4f} < {limit}"
             for name, limit in limits.items()
@@ -97,6 +101,18 @@ def next_token_agreement(reference_argmax: list[np.ndarray], candidate_argmax: l
     same = sum(int((r == c).sum()) for r, c in zip(reference_argmax, candidate_argmax))
     total = sum(len(r) for r in reference_argmax)
     return {"next_token_agreement": same / total, "positions": total}
+
+
+def confident_next_token_agreement(reference_argmax: list[np.ndarray], candidate_argmax: list[np.ndarray],
+                                   reference_top1: list[np.ndarray], confident: float) -> dict:
+    """Next-token agreement only where the reference's top-1 probability is at least `confident`:
+    there a faithful engine keeps the argmax, while a coin-flip position (two tokens nearly tied)
+    may flip under any numerical change, such as quantized activations."""
+    keep = [np.asarray(p) >= confident for p in reference_top1]
+    same = sum(int((np.asarray(r)[k] == np.asarray(c)[k]).sum())
+               for r, c, k in zip(reference_argmax, candidate_argmax, keep))
+    total = sum(int(k.sum()) for k in keep)
+    return {"confident_next_token_agreement": same / total if total else 0.0, "confident_positions": total}
 
 
 def greedy_agreement(reference: list[list[int]], candidate: list[list[int]]) -> dict:

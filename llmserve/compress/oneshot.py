@@ -108,21 +108,24 @@ def window_logits(logits_dir: Path, windows: list[list[int]]):
 
 
 def quantization_format(config: dict) -> dict | None:
-    """{"scheme", "gpu_only", "reason"} of a compressed-tensors config.json, None if unquantized.
+    """{"scheme", "gpu_only", "reason", "activations"} of a compressed-tensors config.json, None if
+    unquantized; `activations` says whether it quantizes activations too (W8A8), not only weights.
     Float (FP8/FP4) weights or activations need a GPU; int8 W8A8 and int4 W4A16 run on vLLM's CPU
     build (its CPUInt8ScaledMM and CPUWNA16 kernels)."""
     quant = config.get("quantization_config")
     if not quant:
         return None
     if quant.get("quant_method") != "compressed-tensors":
-        return {"scheme": quant.get("quant_method", "unknown"), "gpu_only": True,
+        return {"scheme": quant.get("quant_method", "unknown"), "gpu_only": True, "activations": False,
                 "reason": f"{quant.get('quant_method')} checkpoints are not checked on vLLM's CPU build here"}
     args = [a for group in quant.get("config_groups", {}).values()
             for a in (group.get("weights"), group.get("input_activations")) if a]
     floats = [a for a in args if a.get("type") == "float"]
+    activations = any(group.get("input_activations") for group in quant.get("config_groups", {}).values())
     bits = sorted({a.get("num_bits") for a in args if a.get("num_bits")})
     scheme = quant.get("format", "compressed-tensors")
     if floats:
-        return {"scheme": scheme, "gpu_only": True,
+        return {"scheme": scheme, "gpu_only": True, "activations": activations,
                 "reason": f"{floats[0]['num_bits']}-bit float quantization needs a GPU with FP8 support"}
-    return {"scheme": scheme, "gpu_only": False, "reason": f"int{'/'.join(map(str, bits))}"}
+    return {"scheme": scheme, "gpu_only": False, "activations": activations,
+            "reason": f"int{'/'.join(map(str, bits))}"}

@@ -10,7 +10,7 @@ calibration token ids, write the held-out windows' logits of the quantized model
 weights and activations, as compressed-tensors emulates them in PyTorch) to `logits_dir`, then
 save the compressed-tensors Hugging Face directory to `out`.
 mode "reference": load a compressed-tensors directory de-compressed and answer the build gate's
-questions (argmax next token per position, greedy continuations) like the PyTorch reference of
+questions (argmax next token and its probability per position, greedy continuations) like the PyTorch reference of
 an ordinary build.
 """
 
@@ -89,15 +89,18 @@ def reference_mode(request: dict) -> None:
         quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     eos_ids = request["eos_ids"]
     with torch.no_grad():
-        next_tokens = [model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
-                       for ids in request["teacher_forced"]]
+        top1 = [model(input_ids=torch.tensor([ids])).logits[0].softmax(-1).max(-1)
+                for ids in request["teacher_forced"]]
+        next_tokens = [t.indices.tolist() for t in top1]
+        confidence = [[round(p, 4) for p in t.values.tolist()] for t in top1]
         greedy = []
         for ids in request["greedy"]:
             out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=request["max_new_tokens"], do_sample=False,
                                  eos_token_id=eos_ids or None, pad_token_id=(eos_ids or [0])[0])
             greedy.append([t for t in out[0, len(ids):].tolist() if t not in eos_ids])
-    Path(request["result"]).write_text(json.dumps({"next_tokens": next_tokens, "greedy": greedy}))
+    Path(request["result"]).write_text(json.dumps({"next_tokens": next_tokens, "confidence": confidence,
+                                                   "greedy": greedy}))
 
 
 def main(request_path: str) -> None:

@@ -271,6 +271,20 @@ def test_gate_metrics():
     assert failures == ["mean_cosine 0.9500 < 0.99"]
 
 
+def test_confident_agreement_ignores_the_positions_where_the_reference_hesitates():
+    """A flip where the reference's top-1 has p 0.3 does not count; one at p 0.9 does."""
+    import numpy as np
+
+    reference, candidate = [np.array([1, 2, 3, 4])], [np.array([1, 9, 0, 4])]
+    top1 = [np.array([0.9, 0.3, 0.9, 0.6])]
+    agree = gate.confident_next_token_agreement(reference, candidate, top1, confident=0.5)
+    assert agree == {"confident_next_token_agreement": 2 / 3, "confident_positions": 3}
+    assert gate.Thresholds().check(agree) == ["confident_next_token_agreement 0.6667 < 0.98"]
+    nowhere = gate.confident_next_token_agreement(reference, candidate, [np.zeros(4)], 0.5)
+    assert gate.Thresholds().check(nowhere) == ["confident_positions 0: the reference is confident nowhere in "
+                                                "the evaluation texts"]
+
+
 def test_manifest_lists_every_file(tmp_path):
     repo, version, _ = _published(tmp_path)
     manifest = json.loads((repo / "m" / "1" / "manifest.json").read_text())

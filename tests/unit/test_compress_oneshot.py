@@ -60,13 +60,13 @@ def _config(weights: dict, activations: dict | None = None) -> dict:
                                                                   "input_activations": activations}}}}
 
 
-def test_int_formats_run_on_cpus_and_float_formats_need_a_gpu():
+def test_int_formats_run_on_cpus_and_float_formats_need_a_gpu_and_activation_quantization_is_named():
     assert oneshot.quantization_format({}) is None
     w8a8 = oneshot.quantization_format(_config({"num_bits": 8, "type": "int"},
                                                {"num_bits": 8, "type": "int", "dynamic": True}))
-    assert w8a8 == {"scheme": "int-quantized", "gpu_only": False, "reason": "int8"}
+    assert w8a8 == {"scheme": "int-quantized", "gpu_only": False, "activations": True, "reason": "int8"}
     w4 = oneshot.quantization_format(_config({"num_bits": 4, "type": "int"}))
-    assert not w4["gpu_only"] and w4["reason"] == "int4"
+    assert not w4["gpu_only"] and w4["reason"] == "int4" and not w4["activations"]
     fp8 = oneshot.quantization_format(_config({"num_bits": 8, "type": "float"},
                                               {"num_bits": 8, "type": "float", "dynamic": True}))
     assert fp8["gpu_only"] and "FP8" in fp8["reason"]
