@@ -14,7 +14,7 @@ import pytest
 from fixtures.models import torch_greedy
 from fixtures.predictor import scraped
 from llmserve.artifacts import client, gate
-from llmserve.artifacts.build import BuildError, BuildRequest, build
+from llmserve.artifacts.build import BuildRequest, build
 from llmserve.artifacts.manifest import list_files, pull, verify_version
 from llmserve.testbed.waiting import poll
 
@@ -213,14 +213,10 @@ def test_build_errors_are_clear(tmp_path, tiny_lm_source, minilm_source):
 
 
 @pytest.mark.slow
-def test_smollm2_int8_is_refused_and_fp32_serves_like_pytorch(smollm2_artifact, triton_server,
-                                                               tmp_path):
-    with pytest.raises(BuildError, match="accuracy gate failed") as refused:
-        build(BuildRequest(source=smollm2_artifact.source, repo=tmp_path / "repo",
-                           model="smollm2", variant="int8"))
-    assert "next_token_agreement" in str(refused.value)
-    assert not list((tmp_path / "repo" / "smollm2").glob("[0-9]*"))
-
+def test_smollm2_fp32_serves_like_pytorch(smollm2_artifact, triton_server, tmp_path):
+    """The real model's numerics end to end. (Its dynamic int8 build is refused by the gate, next-token
+    agreement 0.68: a measurement of docs/artifacts.md, not repeated here at a minute and a half per
+    run; the refusal path itself is test_build_errors_are_clear's.)"""
     server = triton_server(_pulled(smollm2_artifact, tmp_path), {"smollm2": 1})
     prompts = ["The capital of France is", "def add(a, b):"]
     # One at a time: batched prompts would be compared through padding, which the tiny LM test
