@@ -8,7 +8,7 @@ at once on shutdown.
 
 Expiry is judged on this process's monotonic clock from the moment it last saw the lease record
 change, never by comparing the holder's timestamps with our wall clock, so clock skew between
-nodes cannot make two replicas lead at once. Writes: one renewal per `renew_every` seconds.
+nodes cannot make two replicas lead at once. Writes: one renewal per `renew_every / 2` seconds.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ class LeaseElector:
         lease duration minus one period (the point where another replica may take over); then
         return: leadership is lost, and `holds()` already says so."""
         while True:
-            await asyncio.sleep(self.renew_every if time.monotonic() - self._renewed_at < self.renew_every
+            # Renew at half the period: an attempt whose request hangs (its timeout is the whole
+            # renew deadline) still has half a period more to finish before the deadline.
+            await asyncio.sleep(self.renew_every / 2 if time.monotonic() - self._renewed_at < self.renew_every / 2
                                 else self.retry_every)
             await self._attempt()
             if not self.holds():

@@ -107,11 +107,13 @@ async def run(opts: Options) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     # The lease has its own connections: a burst of reconciles must never delay a renewal. Its
-    # requests time out after one renew period, as client-go bounds them, so one hung request
-    # leaves time for retries before the lease could pass to another replica.
+    # requests may take until the renew deadline (lease duration minus one renew period), as
+    # client-go bounds them by its renew deadline: a renewal is lost only when the API server does
+    # not answer in that time. With a timeout of one period, one GET slower than that lost a
+    # 6 s lease on a loaded test machine, and the operator stopped.
     renew_every = opts.lease_duration / 3
     async with KubeClient(config) as client, \
-            KubeClient(config, max_inflight=2, timeout=renew_every) as lease_client:
+            KubeClient(config, max_inflight=2, timeout=opts.lease_duration - renew_every) as lease_client:
         engine = Engine(client, opts.images, identity, prometheus_url=opts.prometheus_url,
                         prometheus_allowed=opts.prometheus_allowed,
                         max_concurrent=opts.max_concurrent_reconciles, namespaces=opts.namespaces)

@@ -7,6 +7,7 @@ subresource -> the operator -> Deployment -> scheduler -> KWOK GPU nodes.
 """
 
 import json
+import os
 
 import pytest
 
@@ -25,13 +26,13 @@ METRIC = "llmserve_queue_compute_ratio"
 
 
 def metrics_path(testbed, namespace, name, model_repo, triton_server, prometheus, metrics_adapter,
-                 models=None, metric=METRIC, startup_timeout=120):
-    """Once the LLMService's first pod is Ready: a tritonserver standing for it, Prometheus scraping
-    it with that pod's labels, the adapter with the chart's rules. Returns (triton, adapter,
-    explain) once the HPA reads the metric through the aggregated API; `explain()` describes the
-    state of the whole path for a timeout message."""
+                 models=None, metric=METRIC, startup_timeout=120, cpus=None):
+    """Once the LLMService's first pod is Ready: a tritonserver standing for it (on `cpus`, as a
+    pod's cpuset), Prometheus scraping it with that pod's labels, the adapter with the chart's
+    rules. Returns (triton, adapter, explain) once the HPA reads the metric through the aggregated
+    API; `explain()` describes the state of the whole path for a timeout message."""
     pod = poll("the first pod of the LLMService to be Ready", lambda: first_pod(testbed, namespace, name), 120)
-    triton = triton_server(model_repo, models or {MODEL: 1}, startup_timeout=startup_timeout)
+    triton = triton_server(model_repo, models or {MODEL: 1}, startup_timeout=startup_timeout, cpus=cpus)
     prom = prometheus([triton_target(triton.metrics_target, namespace, pod)])
     adapter = metrics_adapter(prom.url)
     poll("the adapter to discover the metric",
@@ -231,7 +232,9 @@ def test_the_engines_waiting_requests_scale_the_llmservice(
     spec = pull_revision(stored, serving_spec(stored["spec"]), built.repo, tmp_path / "pulled")
     triton, adapter, explain = metrics_path(testbed, namespace, name, tmp_path / "pulled", triton_server, prometheus,
                                             metrics_adapter, models={spec.model: spec.version}, metric=metric,
-                                            startup_timeout=600)
+                                            # One core, as a pod's: unconfined, the busy engine's spin-waits
+                                            # starved the test bed's API server (lease GETs over 5 s).
+                                            startup_timeout=600, cpus=frozenset({max(os.sched_getaffinity(0))}))
 
     def waiting():
         return parse_quantity(adapter.object_metric(namespace, "llmservices.llmserve.io", name, metric)["value"])
