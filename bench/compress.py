@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,9 @@ ROWS = {
     "baseline": ([], "fp32"),
     "int8": (["quantize-int8"], "w8"),
     "int4": (["quantize-int4"], "w4"),
+    "int4-float-zero": (["quantize-int4:zero_point=float"], "w4"),  # each block's min and max on the grid
     "2of4": (["prune-2of4:score=wanda"], "fp32"),
+    "sparsegpt": (["sparsegpt-2of4:samples=16"], "fp32"),  # llmcompressor; a dense checkpoint with zeros
     "pruned": (["drop-layers:count={drop}"], "fp32"),
     "pruned+distilled": (["drop-layers:count={drop}", "distill:steps={steps},{distill}"], "fp32"),
     "w8a8": (["w8a8:samples=16,keep=lm_head+down_proj"], None),  # down_proj in bf16: passes the 8-bit gate
@@ -59,7 +62,7 @@ ROWS = {
 }
 
 _THROUGHPUT = r"""
-import importlib.util, json, resource, sys, time
+import importlib.util, json, re, sys, time
 path, streams, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 spec = importlib.util.spec_from_file_location("shipped", f"{path}/model.py")
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
@@ -72,8 +75,66 @@ def run(n):
 run(2)  # warm-up
 made, seconds = run(streams)
 print(json.dumps({"tokens": made, "seconds": seconds,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1]) / 1024}))
 """
+
+
+# MiniLM (a sentence encoder): the compress methods are for causal LMs; what applies is the build's
+# weight quantization of its MatMuls. Rows are build variants, judged by the build's cosine gate.
+MINILM_VARIANTS = ("fp32", "int8", "w8", "w4")
+
+_EMBED_THROUGHPUT = r"""
+import importlib.util, json, re, sys, time
+path, batch, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+spec = importlib.util.spec_from_file_location("shipped", f"{path}/model.py")
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+embedder = mod.Embedder(path)
+from pydoc_data.topics import topics
+texts = [t[:400] for t in topics.values()][:batch]
+embedder.embed(texts)  # warm-up
+start = time.monotonic()
+for _ in range(rounds):
+    embedder.embed(texts)
+seconds = time.monotonic() - start
+print(json.dumps({"sentences": batch * rounds, "seconds": seconds,
+                  "peak_rss_mb": int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1]) / 1024}))
+"""
+
+
+def minilm_row(variant: str, work: Path, batch: int) -> dict:
+    """One MiniLM build variant: the build's cosine gate, ONNX size, sentences/s at batch `batch`
+    (texts of up to 400 characters of the Python reference) and peak memory, in a child process."""
+    from llmserve.artifacts import testmodels
+    from llmserve.artifacts.build import BuildError, BuildRequest, build
+
+    row = {"row": f"minilm-{variant}", "variant": variant}
+    try:
+        built = build(BuildRequest(source=testmodels.minilm(), repo=work / "repo",
+                                   model=f"minilm-{variant}", kind="embedding", variant=variant))
+    except BuildError as exc:
+        return row | {"refused": str(exc)}
+    row |= {"onnx_bytes": _dir_bytes(built.path, "model.onnx*"), "build_accuracy": built.accuracy}
+    done = subprocess.run([sys.executable, "-c", _EMBED_THROUGHPUT, str(built.path), str(batch), "8"],
+                          capture_output=True, text=True, check=True)
+    speed = json.loads(done.stdout.strip().splitlines()[-1])
+    return row | {"engine_onnx": speed | {"sentences_per_s": speed["sentences"] / speed["seconds"]}}
+
+
+def minilm_table(rows: list[dict]) -> str:
+    lines = [f"{'row':14} {'mean cos':>8} {'min cos':>8} {'gate':>7} {'ONNX MB':>8} {'sent/s':>7} {'peak MB':>8}"]
+    for r in rows:
+        acc, eng = r.get("build_accuracy") or {}, r.get("engine_onnx") or {}
+        lines.append(f"{r['row']:14} {acc.get('mean_cosine', float('nan')):8.4f} "
+                     f"{acc.get('min_cosine', float('nan')):8.4f} "
+                     f"{'refused' if r.get('refused') else 'passed':>7} {r.get('onnx_bytes', 0) / 1e6:8.1f} "
+                     f"{eng.get('sentences_per_s', float('nan')):7.1f} {eng.get('peak_rss_mb', float('nan')):8.0f}")
+    return "\n".join(lines)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since its exec (VmHWM: getrusage's ru_maxrss would carry
+    the forking parent's peak across exec, and the parent built the ONNX models)."""
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 1024
 
 
 def _dir_bytes(path: Path, pattern: str) -> int:
@@ -91,8 +152,6 @@ def compress_child(source: Path, out: Path, methods: list[str]) -> dict:
     """One row's compression (run in a child process, so its peak memory is its own): the gate's
     record, and the model in `out` even when the gate refused it (for the speed columns), with
     the record as `out/ROW_FILE` (a later run with the same `--work` reuses both)."""
-    import resource
-
     from llmserve.compress.pipeline import CompressError, CompressRequest, compress
 
     start, row = time.monotonic(), {}
@@ -105,7 +164,7 @@ def compress_child(source: Path, out: Path, methods: list[str]) -> dict:
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
     row |= {"methods": methods, "compress_s": time.monotonic() - start,
-            "compress_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "compress_peak_rss_mb": peak_rss_mb()}
     if (out / "config.json").is_file():
         (out / ROW_FILE).write_text(json.dumps(row, indent=2))
     return row
@@ -246,6 +305,9 @@ def main() -> int:
     parser.add_argument("--engines", type=lambda s: s.split(","), default=["onnx"],
                         help="engines whose tokens/s to measure: onnx, vllm (comma-separated)")
     parser.add_argument("--gate-only", action="store_true", help="compress and gate; no builds")
+    parser.add_argument("--minilm", default="", help="also MiniLM's build variants (comma-separated: "
+                        f"{', '.join(MINILM_VARIANTS)}; 'all' for every one)")
+    parser.add_argument("--batch", type=int, default=16, help="MiniLM sentences per request")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, help="keep the compressed models here (default: a "
                         "temporary directory); a row already compressed there the same way is reused")
@@ -254,6 +316,9 @@ def main() -> int:
     unknown = set(rows) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}")
+    minilm = list(MINILM_VARIANTS) if args.minilm == "all" else [v for v in args.minilm.split(",") if v]
+    if set(minilm) - set(MINILM_VARIANTS):
+        parser.error(f"unknown MiniLM variants {sorted(set(minilm) - set(MINILM_VARIANTS))}")
     if args.source:
         source, note = args.source.resolve(), str(args.source)
     else:
@@ -262,14 +327,23 @@ def main() -> int:
         source = testmodels.smollm2()
         note = ("SmolLM2-135M-Instruct, de-quantized from a Q4_1 GGUF: its weights already sit on "
                 "an asymmetric 4-bit grid of blocks of 32, which flatters the int4 row")
-    results = []
+    results, minilm_results = [], []
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         work = args.work.resolve() if args.work else Path(tmp)
         def save():
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"source": note, "streams": args.streams, "tokens": args.tokens,
-                                            "rounds": args.rounds, "rows": results}, indent=2))
-            print(table(results, note), flush=True)
+                                            "rounds": args.rounds, "rows": results,
+                                            "minilm_batch": args.batch, "minilm": minilm_results}, indent=2))
+            if results:
+                print(table(results, note), flush=True)
+            if minilm_results:
+                print(minilm_table(minilm_results), flush=True)
+
+        for variant in minilm:
+            print(f"[bench] minilm {variant} ...", file=sys.stderr, flush=True)
+            minilm_results.append(minilm_row(variant, work, args.batch))
+            save()
 
         for name in rows:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -153,6 +154,12 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat utime and stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
     baseline = run_baseline(n, timeout)
     bed = fresh_bed(n, "operator")
@@ -171,6 +178,7 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
         asyncio.run(create_all(bed, [[manifest(i)] for i in range(n)]))
         all_ready = wait_until(n, "LLMServices Ready", lambda: condition_count(bed, "llms", "Ready"),
                                started, timeout, alive)
+        operator_cpu = cpu_seconds(operator.pid)
         converged = operator.metrics()
 
         # Let trailing events (last pod and Deployment status updates) drain, then measure a minute.
@@ -191,6 +199,7 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
             "baseline_seconds_until_all_available": round(baseline, 1),
             "seconds_until_all_ready": round(all_ready, 1),
             "ratio_to_baseline": round(all_ready / baseline, 2),
+            "operator_cpu_seconds_until_all_ready": round(operator_cpu, 1),
             "api_requests_per_llmservice": round(converged["llmserve_operator_reconcile_requests_total"] / n, 2),
             "reconciles": int(reconciles),
             "api_requests_per_reconcile": round(
@@ -216,6 +225,7 @@ def table(results: list[dict]) -> str:
         ("baseline: all Deployments Available (s)", "baseline_seconds_until_all_available"),
         ("operator: all LLMServices Ready (s)", "seconds_until_all_ready"),
         ("ratio operator / baseline", "ratio_to_baseline"),
+        ("operator CPU seconds until then", "operator_cpu_seconds_until_all_ready"),
         ("API requests per new LLMService", "api_requests_per_llmservice"),
         ("reconciles until then", "reconciles"),
         ("API requests per reconcile", "api_requests_per_reconcile"),

@@ -93,6 +93,7 @@ METHOD_FAMILY = {
     "quantize-int8": "quantization-8bit",
     "quantize-int4": "quantization-4bit",
     "prune-2of4": "sparsity",
+    "sparsegpt-2of4": "sparsity",
     "drop-layers": "structured",
     "narrow-mlp": "structured",
     "distill": None,

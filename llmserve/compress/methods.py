@@ -7,8 +7,8 @@ Qwen2, SmolLM); any other architecture is refused with a clear message.
 
 - quantize-int8 / quantize-int4: round-to-nearest weight-only quantization per block of input
   channels, stored de-quantized (the HF directory stays loadable everywhere) so the gate measures
-  exactly the quantization error; `llmserve build --variant int8-weight|int4` turns the same
-  scheme into ONNX Runtime MatMulNBits, reading block size and symmetry from the lineage.
+  exactly the quantization error; `llmserve build --variant w8|w4` turns the same scheme into
+  ONNX Runtime MatMulNBits, reading block size, symmetry and zero points from the lineage.
 - prune-2of4: 2:4 semi-structured sparsity (two of every four consecutive input weights zero),
   by weight magnitude or by Wanda's |weight| x input-activation-norm score.
 - drop-layers: removes whole decoder layers, those that change the hidden state least on
@@ -137,10 +137,15 @@ def _rebuilt(model, config, state: dict):
 # -- quantization ----------------------------------------------------------------------------------
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, block_size: int, symmetric: bool) -> torch.Tensor:
-    """Round-to-nearest per block of `block_size` input channels, returned de-quantized.
-    Symmetric: levels -2^(b-1)..2^(b-1)-1 with scale absmax / (2^(b-1) - 1)... of the block;
-    asymmetric: 0..2^b-1 with the block's min and max on the grid."""
+def fake_quantize(weight: torch.Tensor, bits: int, block_size: int, symmetric: bool,
+                  zero_point: str = "int") -> torch.Tensor:
+    """Round-to-nearest per block of `block_size` input channels, returned de-quantized, on the
+    grid ONNX Runtime's MatMulNBits stores. Symmetric: levels -2^(b-1)..2^(b-1)-1, scale absmax /
+    (2^(b-1) - 1) of the block. Asymmetric, `zero_point="int"`: 0..2^b-1 over the block's range
+    widened to include 0, an integer zero point (ORT's default quantizer). `zero_point="float"`:
+    the block's own min and max on the grid with a float zero point (llama.cpp's Q4_1 layout;
+    MatMulNBits takes float zero points), computed as ORT's HQQ quantizer does without its
+    optimization so that the ONNX build reproduces these weights."""
     out_dim, in_dim = weight.shape
     if in_dim % block_size:
         raise MethodError(f"input size {in_dim} is not a multiple of block_size {block_size}")
@@ -150,6 +155,14 @@ def fake_quantize(weight: torch.Tensor, bits: int, block_size: int, symmetric: b
         scale = (w.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-12)
         q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax)
         deq = q * scale
+    elif zero_point == "float":
+        qmax = 2 ** bits - 1
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        span = torch.where(hi > lo, hi - lo, torch.full_like(hi, qmax))
+        inverse = (qmax / span).clamp(max=2e4)
+        zero = -lo * inverse
+        q = torch.clamp(torch.round(w * inverse + zero), 0, qmax)
+        deq = (q - zero) * (1.0 / inverse)
     else:
         qmax = 2 ** bits - 1
         lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
@@ -162,6 +175,12 @@ def fake_quantize(weight: torch.Tensor, bits: int, block_size: int, symmetric: b
 
 def _quantize(bits: int):
     def run(model, params: dict, ctx: Context):
+        if params["zero_point"] not in ("int", "float"):
+            raise MethodError(f"quantize-int{bits}: zero_point must be int or float, not "
+                              f"{params['zero_point']!r}")
+        if params["zero_point"] == "float" and params["symmetric"]:
+            raise MethodError(f"quantize-int{bits}: zero_point=float needs symmetric=false "
+                              "(a symmetric grid has no zero point)")
         linears = _linears(model)
         keep = [k for k in params["keep"].split("+") if k]
         done = 0
@@ -170,7 +189,7 @@ def _quantize(bits: int):
                 continue
             with torch.no_grad():
                 linear.weight.copy_(fake_quantize(linear.weight, bits, params["block_size"],
-                                                  params["symmetric"]))
+                                                  params["symmetric"], params["zero_point"]))
             done += 1
         ctx.progress(f"quantize-int{bits}: {done} of {len(linears)} decoder linears on the "
                      f"{bits}-bit grid (embeddings and lm_head stay full precision)")
@@ -337,6 +356,12 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def training_device() -> torch.device:
+    """The GPU when this process was given one (a Job's pod with nvidia.com/gpu sees it through
+    CUDA), else the CPU: the same training code runs on either."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def training_batch(ids: torch.Tensor, length: int, batch: int, gen: torch.Generator) -> torch.Tensor:
     """`batch` random windows of `length` tokens from the token stream `ids` ([batch, length])."""
     starts = torch.randint(0, len(ids) - length + 1, (batch,), generator=gen)
@@ -351,27 +376,35 @@ def eta_line(step: int, steps: int, loss: float, elapsed: float) -> str:
 
 
 def _distill(model, params: dict, ctx: Context):
-    """Student training on the CPU, made cheap where it costs no quality: bf16 autocast (AVX512-BF16
-    / AMX run it natively; master weights and AdamW stay fp32), the teacher as a bf16 copy run once
-    per batch under inference mode, the tied embedding/lm_head frozen (the student keeps the
-    teacher's vocabulary geometry, and the largest weight gradient and its AdamW state go away),
-    and torch's threads sized to the CPUs this process may use."""
+    """Student training on the GPU if there is one, else on the CPU, made cheap where it costs no
+    quality: bf16 autocast (AVX512-BF16 / AMX and GPUs run it natively; master weights and AdamW
+    stay fp32), the teacher as a bf16 copy run once per batch under inference mode, the tied
+    embedding/lm_head frozen (the student keeps the teacher's vocabulary geometry, and the largest
+    weight gradient and its AdamW state go away), and on the CPU torch's threads sized to the CPUs
+    this process may use. The trained model comes back on the CPU."""
     if not 0 <= params["alpha"] <= 1 or params["temperature"] <= 0 or params["steps"] < 1:
         raise MethodError("distill: needs steps >= 1, temperature > 0 and 0 <= alpha <= 1")
     ids = torch.tensor(ctx.tokenizer(ctx.train_text, add_special_tokens=False)["input_ids"])
     length = params["seq_len"] + 1
     if len(ids) < length * 2:
         raise MethodError(f"distill: training text too short ({len(ids)} tokens)")
-    torch.set_num_threads(cpu_threads())
+    device = training_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads())
     dtype = torch.bfloat16 if params["bf16"] else torch.float32
-    teacher = copy.deepcopy(ctx.teacher).to(dtype).eval() if params["bf16"] else ctx.teacher
+    # A copy whenever it changes dtype or device: ctx.teacher stays the gate's fp32 CPU reference.
+    teacher = (copy.deepcopy(ctx.teacher).to(device, dtype).eval()
+               if params["bf16"] or device.type != "cpu" else ctx.teacher)
+    model.to(device)
     embeddings = model.get_input_embeddings().weight
     embeddings.requires_grad_(not params["freeze_embeddings"])
     trained = [p for p in model.parameters() if p.requires_grad]
     ctx.progress(f"distill: {sum(p.numel() for p in trained) / 1e6:.1f}M of "
                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters trained, "
                  f"{len(ids)} training tokens, {params['batch']}x{params['seq_len']} tokens per step, "
-                 f"{'bf16' if params['bf16'] else 'fp32'}, {torch.get_num_threads()} threads")
+                 f"{'bf16' if params['bf16'] else 'fp32'}, "
+                 + (f"{torch.get_num_threads()} CPU threads" if device.type == "cpu"
+                    else f"on {torch.cuda.get_device_name(device)}"))
     gen = torch.Generator().manual_seed(params["seed"])
     model.train()
     opt = torch.optim.AdamW(trained, lr=params["lr"], weight_decay=0.0)
@@ -380,11 +413,11 @@ def _distill(model, params: dict, ctx: Context):
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / params["steps"])))
     start = last_report = time.monotonic()
     for step in range(1, params["steps"] + 1):
-        batch = training_batch(ids, length, params["batch"], gen)
+        batch = training_batch(ids, length, params["batch"], gen).to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with torch.inference_mode():
             teacher_logits = teacher(input_ids=inputs).logits.float()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params["bf16"]):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=params["bf16"]):
             student_logits = model(input_ids=inputs).logits
         loss = distill_loss(student_logits.float(), teacher_logits, targets,
                             params["temperature"], params["alpha"])
@@ -398,7 +431,7 @@ def _distill(model, params: dict, ctx: Context):
             last_report = now
             ctx.progress(eta_line(step, params["steps"], loss.item(), now - start))
     embeddings.requires_grad_(True)
-    return model.eval()
+    return model.to("cpu").eval()
 
 
 def _check_oneshot(name: str):
@@ -419,9 +452,11 @@ def _check_oneshot(name: str):
 _ONESHOT_COMMON = {"dampening": 0.01, "samples": 64, "seq_len": 256, "keep": "lm_head"}
 
 METHODS = {
-    "quantize-int8": Method("quantize-int8", {"block_size": 32, "symmetric": True, "keep": "lm_head"},
+    "quantize-int8": Method("quantize-int8", {"block_size": 32, "symmetric": True, "zero_point": "int",
+                                              "keep": "lm_head"},
                             _quantize(8), "weight-only int8, per block of input channels"),
-    "quantize-int4": Method("quantize-int4", {"block_size": 32, "symmetric": False, "keep": "lm_head"},
+    "quantize-int4": Method("quantize-int4", {"block_size": 32, "symmetric": False, "zero_point": "int",
+                                              "keep": "lm_head"},
                             _quantize(4), "weight-only int4, per block of input channels"),
     "prune-2of4": Method("prune-2of4", {"score": "magnitude"}, _prune_2of4,
                          "2:4 semi-structured sparsity (score: magnitude | wanda)"),
@@ -440,6 +475,10 @@ METHODS = {
                     _check_oneshot("w4a16"),
                     "compressed-tensors int4 weights per group (GPTQ), 16-bit activations, for vLLM",
                     oneshot=True),
+    "sparsegpt-2of4": Method("sparsegpt-2of4", dict(_ONESHOT_COMMON), _check_oneshot("sparsegpt-2of4"),
+                             "2:4 sparsity by SparseGPT (llmcompressor): each pruned weight's error is "
+                             "compensated in the rest of its row; written dense, with the zeros",
+                             oneshot=True),
     "w8a8-fp8": Method("w8a8-fp8", {"keep": "lm_head"}, _check_oneshot("w8a8-fp8"),
                        "compressed-tensors FP8 weights and dynamic FP8 activations, for vLLM on a "
                        "GPU with FP8 support (GPU-only)", oneshot=True),

@@ -1,4 +1,4 @@
-"""The compressed-tensors methods (w8a8, w4a16, w8a8-fp8): llmcompressor's `oneshot` run in the
+"""The llmcompressor methods (w8a8, w4a16, w8a8-fp8, sparsegpt-2of4): its `oneshot` run in the
 compression environment, a subprocess of `llmserve compress` (llmcompressor's torch and
 transformers pins conflict with the build venv's; hack/engine-compress.txt).
 
@@ -23,7 +23,7 @@ import numpy as np
 JOB_SCRIPT = Path(__file__).with_name("oneshot_job.py")
 SETUP_HINT = "hack/setup.sh (its compression-environment step: a venv from hack/engine-compress.txt)"
 # The scheme each method writes (compressed-tensors names) and whether vLLM needs a GPU for it.
-SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16", "w8a8-fp8": "FP8_DYNAMIC"}
+SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16", "w8a8-fp8": "FP8_DYNAMIC", "sparsegpt-2of4": "SPARSE_2_4"}
 GPU_ONLY = {"w8a8-fp8": "FP8 weights and activations need a GPU with FP8 support (Ada/Hopper or newer)"}
 
 
@@ -73,6 +73,8 @@ def job_request(name: str, params: dict) -> dict:
     elif name == "w4a16":
         request |= {"group_size": params["group_size"], "symmetric": params["symmetric"],
                     "dampening": params["dampening"]}
+    elif name == "sparsegpt-2of4":
+        request |= {"dampening": params["dampening"]}
     return request
 
 

@@ -1,4 +1,4 @@
-"""The llmcompressor side of `llmserve compress --method w8a8|w4a16|w8a8-fp8` and of
+"""The llmcompressor side of `llmserve compress --method w8a8|w4a16|w8a8-fp8|sparsegpt-2of4` and of
 `llmserve build --engine vllm` for such a model, run as a script in the compression environment
 (~/.cache/llmserve/engine-compress: llmcompressor, which has neither llmserve nor the build
 venv's torch/transformers):
@@ -8,7 +8,8 @@ venv's torch/transformers):
 mode "oneshot": load `source` (fp32), run llmcompressor's `oneshot` with the recipe on the given
 calibration token ids, write the held-out windows' logits of the quantized model (fake-quantized
 weights and activations, as compressed-tensors emulates them in PyTorch) to `logits_dir`, then
-save the compressed-tensors Hugging Face directory to `out`.
+save the compressed-tensors Hugging Face directory to `out` (SPARSE_2_4: an ordinary dense one,
+zeros included, which every engine loads as it is).
 mode "reference": load a compressed-tensors directory de-compressed and answer the build gate's
 questions (argmax next token and its probability per position, greedy continuations) like the PyTorch reference of
 an ordinary build.
@@ -41,6 +42,11 @@ def recipe(request: dict):
         return [GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"],
                                                                           weights=weights)},
                              ignore=ignore, dampening_frac=request["dampening"])]
+    if scheme == "SPARSE_2_4":
+        from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=ignore,
+                                  dampening_frac=request["dampening"])]
     if scheme == "FP8_DYNAMIC":
         return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=ignore)]
     raise SystemExit(f"unknown scheme {scheme}")
@@ -75,9 +81,23 @@ def oneshot_mode(request: dict) -> None:
 
     (logits_dir / "tools.json").write_text(json.dumps(
         {name: version(name) for name in ("llmcompressor", "compressed-tensors")}))
-    model.save_pretrained(request["out"], save_compressed=True)
+    if request["scheme"] == "SPARSE_2_4":
+        save_dense(model, request["out"])
+    else:
+        model.save_pretrained(request["out"], save_compressed=True)
     tokenizer.save_pretrained(request["out"])
     log(f"saved {request['out']}")
+
+
+def save_dense(model, out: str) -> None:
+    """The pruned model as a plain Hugging Face checkpoint: no compressed-tensors config, so the
+    build venv (no compressed-tensors), ONNX export and vLLM's dense path all load it."""
+    model.save_pretrained(out, save_compressed=False)
+    config_path = Path(out) / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)
+    config.pop("sparsity_config", None)
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def reference_mode(request: dict) -> None:

@@ -16,8 +16,8 @@ import onnx
 
 VARIANT_BITS = {"w8": 8, "w4": 4}
 # Same defaults as the compress methods quantize-int8 / quantize-int4.
-DEFAULTS = {8: {"block_size": 32, "symmetric": True, "keep": "lm_head"},
-            4: {"block_size": 32, "symmetric": False, "keep": "lm_head"}}
+DEFAULTS = {8: {"block_size": 32, "symmetric": True, "zero_point": "int", "keep": "lm_head"},
+            4: {"block_size": 32, "symmetric": False, "zero_point": "int", "keep": "lm_head"}}
 
 
 class QuantizeError(Exception):
@@ -25,7 +25,7 @@ class QuantizeError(Exception):
 
 
 def scheme(variant: str, lineage: dict | None) -> dict:
-    """{"bits", "block_size", "symmetric", "keep"} for a build variant, from the lineage's
+    """{"bits", "block_size", "symmetric", "zero_point", "keep"} for a build variant, from the lineage's
     quantize method of the same width if there is one."""
     bits = VARIANT_BITS[variant]
     params = dict(DEFAULTS[bits])
@@ -56,23 +56,46 @@ def _excluded(model: onnx.ModelProto, keep: list[str], vocab_size: int) -> list[
     return excluded
 
 
+def _min_max_float_zero_quantizer(config):
+    """ORT's HQQ node quantizer with its optimization and zero-point rounding off: each block's
+    min and max on the grid, a float zero point (what `methods.fake_quantize(zero_point="float")`
+    computes)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantizer
+
+    class MinMaxFloatZero(HQQWeightOnlyQuantizer):
+        def quantize_internal(self, tensor, bits=4, channel_wise=True, group_size=64,
+                              optimize=True, round_zero=True, axis=1):
+            return super().quantize_internal(tensor, bits, channel_wise, group_size,
+                                             optimize=False, round_zero=False, axis=axis)
+
+    return MinMaxFloatZero(config)
+
+
 def quantize(src: Path, out: Path, spec: dict, vocab_size: int) -> dict:
     """Writes `out`; returns what was done (for the manifest)."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
     model = onnx.load(str(src))
     keep = [k for k in spec["keep"].split("+") if k]
     excluded = _excluded(model, keep, vocab_size)
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=spec["block_size"], is_symmetric=spec["symmetric"], bits=spec["bits"],
-        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
+    float_zero = spec["zero_point"] == "float"
+    if float_zero:
+        config = HQQWeightOnlyQuantConfig(block_size=spec["block_size"], bits=spec["bits"],
+                                          op_types_to_quantize=("MatMul",))
+    else:
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=spec["block_size"], is_symmetric=spec["symmetric"], bits=spec["bits"],
+            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
     quantizer = MatMulNBitsQuantizer(model, bits=spec["bits"], block_size=spec["block_size"],
                                      is_symmetric=spec["symmetric"], nodes_to_exclude=excluded,
                                      op_types_to_quantize=("MatMul",), algo_config=config)
+    if float_zero:
+        quantizer.node_quantizer = _min_max_float_zero_quantizer(config)
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)  # one INFO line per MatMul otherwise

@@ -26,26 +26,41 @@ from llmserve.compress.pipeline import CompressError, CompressRequest, compress
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 
-def test_int4_compressed_model_builds_serves_and_keeps_its_lineage(tiny_lm_source, zen_corpus, tmp_path):
-    out = tmp_path / "tiny-int4"
-    lineage = compress(CompressRequest(source=tiny_lm_source, out=out, corpus=str(zen_corpus),
-                                       methods=["quantize-int4:block_size=32"]))
+def _is_2_of_4(weight) -> bool:
+    """At least two zeros in every group of four consecutive input weights."""
+    return bool(((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+
+
+@pytest.mark.parametrize("method, variant", [
+    ("quantize-int4:block_size=32,zero_point=float", "w4"),
+    ("sparsegpt-2of4:samples=16,seq_len=64", "fp32"),  # llmcompressor; written dense, zeros included
+], ids=["int4", "sparsegpt"])
+def test_onnx_compressed_model_builds_serves_and_keeps_its_lineage(tiny_lm_source, zen_corpus, tmp_path,
+                                                                  method, variant):
+    out = tmp_path / "tiny-compressed"
+    lineage = compress(CompressRequest(source=tiny_lm_source, out=out, corpus=str(zen_corpus), methods=[method]))
     assert lineage["gate"]["passed"] and lineage["gate"]["metrics"]["positions"] >= 2000
     assert lineage["teacher"]["path"] == str(tiny_lm_source.resolve())
     assert json.loads((out / LINEAGE_FILE).read_text()) == lineage
+    if variant == "fp32":
+        from transformers import AutoModelForCausalLM
 
-    result = build(BuildRequest(source=out, repo=tmp_path / "repo", model="tiny-int4",
-                                kind="generate", variant="w4"))
+        model = AutoModelForCausalLM.from_pretrained(out)  # an ordinary checkpoint
+        assert "quantization_config" not in json.loads((out / "config.json").read_text())
+        assert all(_is_2_of_4(model.get_submodule(f"model.layers.{i}.mlp.down_proj").weight)
+                   for i in range(model.config.num_hidden_layers))
+
+    result = build(BuildRequest(source=out, repo=tmp_path / "repo", model="tiny-compressed",
+                                kind="generate", variant=variant))
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["lineage"] == lineage
-    assert manifest["variant"] == "w4"
-    model_text = (result.path / "model.onnx").read_bytes()
-    assert b"MatMulNBits" in model_text
+    assert manifest["variant"] == variant
+    assert (b"MatMulNBits" in (result.path / "model.onnx").read_bytes()) == (variant == "w4")
 
-    with _serve(BuiltModel(tmp_path / "repo", "tiny-int4", result.version, out)) as service:
+    with _serve(BuiltModel(tmp_path / "repo", "tiny-compressed", result.version, out)) as service:
         client = openai.OpenAI(base_url=service.predictor.openai_base_url, api_key="unused",
                                max_retries=0, timeout=60)
-        answer = client.completions.create(model="tiny-int4", prompt="Beautiful is better than",
+        answer = client.completions.create(model="tiny-compressed", prompt="Beautiful is better than",
                                            max_tokens=8)
     assert answer.usage.completion_tokens == 8 and answer.choices[0].text
 

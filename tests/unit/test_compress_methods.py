@@ -54,6 +54,61 @@ def test_asymmetric_int4_uses_at_most_16_levels_per_block():
     assert torch.allclose(fake_quantize(q, 4, 32, False), q, atol=1e-6)  # on the grid: unchanged
 
 
+def _q4_1_weights(out_dim: int, in_dim: int) -> torch.Tensor:
+    """Weights de-quantized from llama.cpp's Q4_1: per block of 32 inputs, d * q + m with q in
+    0..15 (both ends used) and a free minimum m."""
+    gen = torch.Generator().manual_seed(1)
+    blocks = in_dim // 32
+    q = torch.randint(0, 16, (out_dim, blocks, 32), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 15
+    d = torch.rand(out_dim, blocks, 1, generator=gen) * 0.01 + 0.001
+    m = torch.randn(out_dim, blocks, 1, generator=gen) * 0.05
+    return (d * q + m).reshape(out_dim, in_dim)
+
+
+def test_float_zero_points_reproduce_a_q4_1_grid_that_integer_ones_round_again():
+    w = _q4_1_weights(16, 64)
+    exact = fake_quantize(w, bits=4, block_size=32, symmetric=False, zero_point="float")
+    assert (exact - w).abs().max() < 1e-6
+    rounded = fake_quantize(w, bits=4, block_size=32, symmetric=False)
+    assert (rounded - w).abs().max() > 1e-4
+
+
+def test_float_zero_point_needs_an_asymmetric_grid(model, ctx):
+    _, params = parse("quantize-int4:zero_point=float,symmetric=true")
+    with pytest.raises(MethodError, match="zero_point=float needs symmetric=false"):
+        METHODS["quantize-int4"].run(model, params, ctx)
+    _, params = parse("quantize-int4:zero_point=half")
+    with pytest.raises(MethodError, match="zero_point must be int or float"):
+        METHODS["quantize-int4"].run(model, params, ctx)
+
+
+@pytest.mark.parametrize("zero_point", ["int", "float"])
+def test_matmulnbits_build_computes_what_the_gate_measured(tmp_path, zero_point):
+    """The ONNX build of a quantized MatMul gives what the fake-quantized PyTorch weight gives,
+    so the compression gate measured the served model."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = torch.randn(48, 64) * 0.05  # torch layout [out, in]; ONNX MatMul takes [in, out]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])],
+        [numpy_helper.from_array(weight.T.numpy().copy(), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    spec = {"bits": 4, "block_size": 32, "symmetric": False, "zero_point": zero_point, "keep": ""}
+    done = onnx_quant.quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", spec, vocab_size=10_000)
+    assert done["matmulnbits_nodes"] == 1
+    x = torch.randn(5, 64)
+    session = onnxruntime.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    served = session.run(None, {"x": x.numpy()})[0]
+    expected = x @ fake_quantize(weight, 4, 32, False, zero_point).T
+    assert np.abs(served - expected.numpy()).max() < 1e-4
+
+
 def test_block_size_must_divide_the_input():
     with pytest.raises(MethodError, match="not a multiple of block_size"):
         fake_quantize(torch.randn(4, 48), 8, 32, True)
@@ -157,7 +212,7 @@ def test_onnx_scheme_follows_the_lineage():
     compressed = {"methods": [{"name": "quantize-int4", "params": {"block_size": 64, "symmetric": True,
                                                                    "keep": "lm_head+down_proj"}}]}
     assert onnx_quant.scheme("w4", compressed) == {"bits": 4, "block_size": 64, "symmetric": True,
-                                                   "keep": "lm_head+down_proj"}
+                                                   "zero_point": "int", "keep": "lm_head+down_proj"}
     assert onnx_quant.scheme("w8", None) == {"bits": 8, **onnx_quant.DEFAULTS[8]}
     with pytest.raises(onnx_quant.QuantizeError, match="compressed with quantize-int4"):
         onnx_quant.scheme("w8", compressed)
@@ -178,3 +233,12 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "src"), "--out", out, "--method", "prune-2of4",
                  "--positions", "100"]) == 1
     assert "--positions must be at least 2000" in capsys.readouterr().err
+
+
+def test_training_runs_on_a_gpu_when_the_process_was_given_one(monkeypatch):
+    from llmserve.compress.methods import training_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device().type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device().type == "cuda"

@@ -37,12 +37,16 @@ def test_job_requests_carry_the_scheme_and_its_parameters():
     _, w4 = parse("w4a16:group_size=64,keep=lm_head+down_proj")
     assert oneshot.job_request("w4a16", w4) == {"scheme": "W4A16", "ignore": ["re:.*lm_head.*", "re:.*down_proj.*"],
                                                 "group_size": 64, "symmetric": True, "dampening": 0.01}
+    _, sparse = parse("sparsegpt-2of4:dampening=0.05")
+    assert oneshot.job_request("sparsegpt-2of4", sparse) == {"scheme": "SPARSE_2_4", "ignore": ["re:.*lm_head.*"],
+                                                             "dampening": 0.05}
 
 
 def test_compressed_tensors_methods_are_gated_as_8_and_4_bit():
     assert gate.family_of(["w8a8"]).family == "quantization-8bit"
     assert gate.family_of(["w4a16"]).family == "quantization-4bit"
     assert gate.family_of(["narrow-mlp", "distill", "w8a8"]).family == "structured"
+    assert gate.family_of(["sparsegpt-2of4"]).family == "sparsity"
     assert all(METHODS[m].oneshot for m in oneshot.SCHEMES)
 
 
