@@ -11,7 +11,10 @@ nodes, the chart installed, the model repository claim `models` in the namespace
   - API requests per new service and per reconcile (the operator counts every request);
   - writes during one steady-state minute: the operator's own count, and the API server's count of
     writes to LLMServices, their children and Events (apiserver_request_total);
-  - the operator's peak RSS (VmHWM).
+  - the operator's peak RSS (VmHWM);
+  - in both runs, the CPU seconds every process on the machine spent until all were ready, by
+    command name (kube-apiserver, kube-controller, etcd, python...): both runs saturate a small
+    machine, so where the CPU goes is where the time goes.
 
 The table prints both and the ratio operator/baseline. Goals at N = 1,000 (issue 11): all Ready
 in < 60 s, <= 1.25x the baseline, <= 6 API requests per new service, 0 writes in a steady minute,
@@ -135,14 +138,16 @@ def fresh_bed(n: int, label: str) -> TestBed:
     return bed
 
 
-def run_baseline(n: int, timeout: float) -> float:
-    """Seconds until the same children, created without the operator, are all Available."""
+def run_baseline(n: int, timeout: float) -> tuple[float, dict[str, float]]:
+    """Seconds until the same children, created without the operator, are all Available, and the
+    CPU seconds each component spent until then."""
     bed = fresh_bed(n, "baseline")
     try:
-        started = time.monotonic()
+        cpu_before, started = cpu_by_pid(), time.monotonic()
         asyncio.run(create_all(bed, [baseline_children(i) for i in range(n)]))
-        return wait_until(n, "Deployments Available", lambda: condition_count(bed, "deployments", "Available"),
-                          started, timeout)
+        seconds = wait_until(n, "Deployments Available", lambda: condition_count(bed, "deployments", "Available"),
+                             started, timeout)
+        return seconds, cpu_spent(cpu_before)
     finally:
         bed.down()
 
@@ -160,8 +165,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_by_pid() -> dict[int, tuple[str, float]]:
+    """(command name, CPU seconds so far) of every process on the machine."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                found[int(entry.name)] = (stat[stat.index("(") + 1:stat.rindex(")")], cpu_seconds(int(entry.name)))
+            except (OSError, ValueError):  # exited meanwhile
+                pass
+    return found
+
+
+def cpu_spent(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent since `before`, by command name (the test bed's components, python...):
+    both runs saturate the machine, so where the CPU goes is where the time goes."""
+    spent: dict[str, float] = {}
+    for pid, (name, seconds) in cpu_by_pid().items():
+        spent[name] = spent.get(name, 0.0) + seconds - before.get(pid, (name, 0.0))[1]
+    return {name: round(value, 1) for name, value in sorted(spent.items(), key=lambda kv: -kv[1]) if value >= 0.5}
+
+
 def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
-    baseline = run_baseline(n, timeout)
+    baseline, baseline_cpu = run_baseline(n, timeout)
     bed = fresh_bed(n, "operator")
     operator = None
     try:
@@ -174,11 +201,11 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
             if operator.returncode() is not None:
                 raise RuntimeError(f"the operator exited ({operator.returncode()}):\n{operator.log()}")
 
-        started = time.monotonic()
+        cpu_before, started = cpu_by_pid(), time.monotonic()
         asyncio.run(create_all(bed, [[manifest(i)] for i in range(n)]))
         all_ready = wait_until(n, "LLMServices Ready", lambda: condition_count(bed, "llms", "Ready"),
                                started, timeout, alive)
-        operator_cpu = cpu_seconds(operator.pid)
+        operator_cpu, run_cpu = cpu_seconds(operator.pid), cpu_spent(cpu_before)
         converged = operator.metrics()
 
         # Let trailing events (last pod and Deployment status updates) drain, then measure a minute.
@@ -200,6 +227,10 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
             "seconds_until_all_ready": round(all_ready, 1),
             "ratio_to_baseline": round(all_ready / baseline, 2),
             "operator_cpu_seconds_until_all_ready": round(operator_cpu, 1),
+            "baseline_cpu_total": round(sum(baseline_cpu.values()), 1),
+            "operator_run_cpu_total": round(sum(run_cpu.values()), 1),
+            "baseline_cpu_seconds_by_component": baseline_cpu,
+            "operator_run_cpu_seconds_by_component": run_cpu,
             "api_requests_per_llmservice": round(converged["llmserve_operator_reconcile_requests_total"] / n, 2),
             "reconciles": int(reconciles),
             "api_requests_per_reconcile": round(
@@ -226,6 +257,8 @@ def table(results: list[dict]) -> str:
         ("operator: all LLMServices Ready (s)", "seconds_until_all_ready"),
         ("ratio operator / baseline", "ratio_to_baseline"),
         ("operator CPU seconds until then", "operator_cpu_seconds_until_all_ready"),
+        ("baseline: machine CPU seconds", "baseline_cpu_total"),
+        ("operator run: machine CPU seconds", "operator_run_cpu_total"),
         ("API requests per new LLMService", "api_requests_per_llmservice"),
         ("reconciles until then", "reconciles"),
         ("API requests per reconcile", "api_requests_per_reconcile"),
@@ -241,6 +274,9 @@ def table(results: list[dict]) -> str:
     for label, key in rows:
         values = [sum(r["steady_apiserver_writes"].values()) if key is None else r[key] for r in results]
         lines.append(f"{label:{width}}  " + "  ".join(f"{v:>10}" for v in values))
+    for r in results:
+        lines.append(f"CPU seconds by component at N={r['llmservices']}: baseline {r['baseline_cpu_seconds_by_component']}; "
+                     f"operator run {r['operator_run_cpu_seconds_by_component']}")
     return "\n".join(lines)
 
 
