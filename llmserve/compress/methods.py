@@ -24,7 +24,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -64,6 +64,8 @@ class Method:
     # Run by llmcompressor in the compression environment after every in-process method (its
     # `run` here only checks that the method fits the model); see oneshot.py.
     oneshot: bool = False
+    # Parameters that take one of a few words, checked by `parse` (before any model is loaded).
+    choices: dict = field(default_factory=dict)
 
 
 def parse(spec: str) -> tuple[str, dict]:
@@ -79,6 +81,8 @@ def parse(spec: str) -> tuple[str, dict]:
             raise MethodError(f"{name}: unknown parameter {pair!r} (parameters: "
                               f"{', '.join(f'{k}={v}' for k, v in method.defaults.items())})")
         params[key] = _typed(name, key, value, method.defaults[key])
+        if key in method.choices and params[key] not in method.choices[key]:
+            raise MethodError(f"{name}: {key} must be {' or '.join(method.choices[key])}, not {value!r}")
     return name, params
 
 
@@ -175,9 +179,6 @@ def fake_quantize(weight: torch.Tensor, bits: int, block_size: int, symmetric: b
 
 def _quantize(bits: int):
     def run(model, params: dict, ctx: Context):
-        if params["zero_point"] not in ("int", "float"):
-            raise MethodError(f"quantize-int{bits}: zero_point must be int or float, not "
-                              f"{params['zero_point']!r}")
         if params["zero_point"] == "float" and params["symmetric"]:
             raise MethodError(f"quantize-int{bits}: zero_point=float needs symmetric=false "
                               "(a symmetric grid has no zero point)")
@@ -219,8 +220,6 @@ def _input_norms(model, batch: torch.Tensor, linears: dict) -> dict[str, torch.T
 
 
 def _prune_2of4(model, params: dict, ctx: Context):
-    if params["score"] not in ("magnitude", "wanda"):
-        raise MethodError(f"prune-2of4: score must be magnitude or wanda, got {params['score']!r}")
     linears = _linears(model)
     norms = (_input_norms(model, ctx.calibration_batch(), linears)
              if params["score"] == "wanda" else {})
@@ -454,12 +453,15 @@ _ONESHOT_COMMON = {"dampening": 0.01, "samples": 64, "seq_len": 256, "keep": "lm
 METHODS = {
     "quantize-int8": Method("quantize-int8", {"block_size": 32, "symmetric": True, "zero_point": "int",
                                               "keep": "lm_head"},
-                            _quantize(8), "weight-only int8, per block of input channels"),
+                            _quantize(8), "weight-only int8, per block of input channels",
+                            choices={"zero_point": ("int", "float")}),
     "quantize-int4": Method("quantize-int4", {"block_size": 32, "symmetric": False, "zero_point": "int",
                                               "keep": "lm_head"},
-                            _quantize(4), "weight-only int4, per block of input channels"),
+                            _quantize(4), "weight-only int4, per block of input channels",
+                            choices={"zero_point": ("int", "float")}),
     "prune-2of4": Method("prune-2of4", {"score": "magnitude"}, _prune_2of4,
-                         "2:4 semi-structured sparsity (score: magnitude | wanda)"),
+                         "2:4 semi-structured sparsity (score: magnitude | wanda)",
+                         choices={"score": ("magnitude", "wanda")}),
     "drop-layers": Method("drop-layers", {"count": 1, "layers": ""}, _drop_layers,
                           "drop decoder layers (the least influential `count`, or `layers`=3+4)"),
     "narrow-mlp": Method("narrow-mlp", {"keep": 0.75, "multiple": 16}, _narrow_mlp,

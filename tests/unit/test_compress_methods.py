@@ -78,9 +78,8 @@ def test_float_zero_point_needs_an_asymmetric_grid(model, ctx):
     _, params = parse("quantize-int4:zero_point=float,symmetric=true")
     with pytest.raises(MethodError, match="zero_point=float needs symmetric=false"):
         METHODS["quantize-int4"].run(model, params, ctx)
-    _, params = parse("quantize-int4:zero_point=half")
-    with pytest.raises(MethodError, match="zero_point must be int or float"):
-        METHODS["quantize-int4"].run(model, params, ctx)
+    with pytest.raises(MethodError, match="zero_point must be int or float, not 'half'"):
+        parse("quantize-int4:zero_point=half")
 
 
 @pytest.mark.parametrize("zero_point", ["int", "float"])
@@ -121,6 +120,8 @@ def test_parse_applies_defaults_and_types():
     assert parse("quantize-int8:symmetric=false")[1]["symmetric"] is False
     with pytest.raises(MethodError, match="unknown method 'zip'"):
         parse("zip")
+    with pytest.raises(MethodError, match="score must be magnitude or wanda, not 'random'"):
+        parse("prune-2of4:score=random")
     with pytest.raises(MethodError, match="unknown parameter 'bits=3'.*block_size=32"):
         parse("quantize-int4:bits=3")
     with pytest.raises(MethodError, match="steps='many' is not a int"):
