@@ -13,6 +13,8 @@ from .corpus import DEFAULT_CORPUS
 from .gate import FAMILIES, METHOD_FAMILY, MIN_POSITIONS
 from .job import DEFAULT_IMAGE, JobError, JobRequest, claim_path, render
 
+DEFAULT_POSITIONS = MIN_POSITIONS + 48  # 8 windows of 256
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     cmd = sub.add_parser(
@@ -33,7 +35,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--corpus", default=DEFAULT_CORPUS,
                      help=f"calibration/distillation/gate text: {DEFAULT_CORPUS} (the Python "
                           "Language Reference shipped with CPython) or a UTF-8 text file")
-    cmd.add_argument("--positions", type=int, default=MIN_POSITIONS + 48,
+    cmd.add_argument("--positions", type=int, default=DEFAULT_POSITIONS,
                      help=f"held-out positions the gate compares (at least {MIN_POSITIONS})")
     cmd.add_argument("--teacher", type=Path,
                      help="where the lineage's original teacher lives, if it moved")
@@ -57,7 +59,7 @@ def _job(args: argparse.Namespace) -> int:
     if not args.claim:
         raise CommandError("--job needs --claim: the PersistentVolumeClaim with the source model")
     extra = []
-    if args.positions != MIN_POSITIONS + 48:
+    if args.positions != DEFAULT_POSITIONS:
         extra += ["--positions", str(args.positions)]
     if args.teacher:
         extra += ["--teacher", claim_path(str(args.teacher), "--teacher")]

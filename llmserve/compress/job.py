@@ -14,12 +14,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from llmserve.operator.units import parse_quantity
+
 MOUNT = "/work"
 DEFAULT_IMAGE = "llmserve/compress:0.1.0"
 # DNS-1123 label: what a Job's name must be (its pods get `<name>-<suffix>`, so at most 57).
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,55}[a-z0-9])?$")
 _RESOURCE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
 
 
 class JobError(ValueError):
@@ -62,7 +63,11 @@ def render(req: JobRequest) -> dict:
     if req.gpus < 0 or not _RESOURCE.match(req.gpu_resource):
         raise JobError(f"gpus must be >= 0 and gpu resource a resource name, got {req.gpus} {req.gpu_resource!r}")
     for what, quantity in (("cpu", req.cpu), ("memory", req.memory)):
-        if not _QUANTITY.match(quantity):
+        try:
+            valid = parse_quantity(quantity) > 0
+        except ValueError:
+            valid = False
+        if not valid:
             raise JobError(f"{what} {quantity!r} is not a Kubernetes quantity")
     if not req.methods:
         raise JobError("at least one --method is needed")
