@@ -33,7 +33,9 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +44,7 @@ from llmserve.operator.kube import KubeClient, load_config
 from llmserve.operator.reconcile import Children, Observation, decide
 from llmserve.operator.render import Images
 from llmserve.operator.spec import Spec
+from llmserve.testbed import toolchain
 from llmserve.testbed.cluster import TestBed
 from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
 from llmserve.testbed.storage import model_repository
@@ -100,24 +103,50 @@ def apiserver_writes(bed: TestBed) -> dict[str, int]:
     return out
 
 
-def condition_count(bed: TestBed, resource: str, condition: str) -> int:
-    """How many objects of `resource` in the namespace have `condition` True."""
-    out = bed.kubectl("get", resource, "-n", NAMESPACE, "-o",
-                      f'jsonpath={{range .items[*]}}{{.status.conditions[?(@.type=="{condition}")].status}}'
-                      '{"\\n"}{end}', timeout=120).stdout
-    return sum(1 for line in out.splitlines() if line.strip() == "True")
+class ConditionWatch:
+    """How many objects of `resource` in the namespace have `condition` True, followed by one
+    `kubectl get --watch` started before the burst. Polling a list instead (every 2 s, all N
+    objects decoded by a fresh kubectl each time) cost the saturated machine several CPU seconds
+    per poll, more the longer a run took: the measurement must not load what it measures."""
+
+    def __init__(self, bed: TestBed, resource: str, condition: str):
+        template = (f'{{.metadata.name}} {{.status.conditions[?(@.type=="{condition}")].status}}{{"\\n"}}')
+        self.state: dict[str, bool] = {}
+        self._process = subprocess.Popen(
+            [str(toolchain.KUBERNETES.path("kubectl")), "get", resource, "-n", NAMESPACE, "--watch",
+             "--output-watch-events=false", "-o", f"jsonpath={template}"],
+            env=bed.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            name, _, status = line.strip().partition(" ")
+            if name:
+                self.state[name] = status == "True"
+
+    def count(self) -> int:
+        if self._process.poll() is not None:
+            raise RuntimeError(f"kubectl get --watch exited ({self._process.returncode})")
+        return sum(self.state.values())
+
+    def stop(self) -> None:
+        self._process.kill()
+        self._process.wait()
 
 
 def wait_until(n: int, what: str, count, started: float, timeout: float, alive=lambda: None) -> float:
-    """Poll `count()` until it reaches n; returns the seconds since `started`."""
-    done = 0
+    """Check `count()` every 0.2 s until it reaches n; returns the seconds since `started`."""
+    done, reported = 0, started
     while done < n:
         alive()
         if time.monotonic() - started > timeout:
             raise RuntimeError(f"only {done}/{n} {what} after {timeout:.0f}s")
-        time.sleep(2)
+        time.sleep(0.2)
         done = count()
-        print(f"[fleet {n}] {done}/{n} {what} after {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+        if time.monotonic() - reported >= 2 or done >= n:
+            reported = time.monotonic()
+            print(f"[fleet {n}] {done}/{n} {what} after {reported - started:.0f}s", file=sys.stderr, flush=True)
     return time.monotonic() - started
 
 
@@ -143,11 +172,14 @@ def run_baseline(n: int, timeout: float) -> tuple[float, dict[str, float]]:
     CPU seconds each component spent until then."""
     bed = fresh_bed(n, "baseline")
     try:
-        cpu_before, started = cpu_by_pid(), time.monotonic()
-        asyncio.run(create_all(bed, [baseline_children(i) for i in range(n)]))
-        seconds = wait_until(n, "Deployments Available", lambda: condition_count(bed, "deployments", "Available"),
-                             started, timeout)
-        return seconds, cpu_spent(cpu_before)
+        watch = ConditionWatch(bed, "deployments", "Available")
+        try:
+            cpu_before, started = cpu_by_pid(), time.monotonic()
+            asyncio.run(create_all(bed, [baseline_children(i) for i in range(n)]))
+            seconds = wait_until(n, "Deployments Available", watch.count, started, timeout)
+            return seconds, cpu_spent(cpu_before)
+        finally:
+            watch.stop()
     finally:
         bed.down()
 
@@ -201,11 +233,14 @@ def run(n: int, steady_seconds: float, workdir: Path, timeout: float) -> dict:
             if operator.returncode() is not None:
                 raise RuntimeError(f"the operator exited ({operator.returncode()}):\n{operator.log()}")
 
-        cpu_before, started = cpu_by_pid(), time.monotonic()
-        asyncio.run(create_all(bed, [[manifest(i)] for i in range(n)]))
-        all_ready = wait_until(n, "LLMServices Ready", lambda: condition_count(bed, "llms", "Ready"),
-                               started, timeout, alive)
-        operator_cpu, run_cpu = cpu_seconds(operator.pid), cpu_spent(cpu_before)
+        watch = ConditionWatch(bed, "llmservices", "Ready")
+        try:
+            cpu_before, started = cpu_by_pid(), time.monotonic()
+            asyncio.run(create_all(bed, [[manifest(i)] for i in range(n)]))
+            all_ready = wait_until(n, "LLMServices Ready", watch.count, started, timeout, alive)
+            operator_cpu, run_cpu = cpu_seconds(operator.pid), cpu_spent(cpu_before)
+        finally:
+            watch.stop()
         converged = operator.metrics()
 
         # Let trailing events (last pod and Deployment status updates) drain, then measure a minute.
