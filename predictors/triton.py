@@ -16,6 +16,8 @@ cancelling that stream is how a client disconnect reaches the model (``request.i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -61,6 +63,10 @@ _inference_request = grpcclient._utils._get_inference_request
 
 # tritonclient's own default message limit; embeddings of a large batch exceed gRPC's 4 MiB.
 _MAX_MESSAGE = 2**31 - 1
+# The parameter Triton sets on the last response of a streamed request.
+FINAL_RESPONSE = "triton_final_response"
+# How long a stream whose final response has arrived may take to end before it is cancelled.
+CALL_END_GRACE = 5.0
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
@@ -320,23 +326,32 @@ class Triton:
     ) -> AsyncIterator[grpcclient.InferResult]:
         """The responses of a decoupled model to one request, as they arrive.
 
-        Closing the iterator early (the HTTP client went away) cancels the gRPC call, which
-        Triton turns into a cancelled request the model sees and stops generating for. The one
-        request is written on the call directly (no request iterator, which grpc.aio drains in a
-        task of its own), then the stream is half-closed so Triton ends it after the last response.
+        Closing the iterator before the final response (the HTTP client went away) cancels the
+        gRPC call, which Triton turns into a cancelled request the model sees and stops generating
+        for. Closing it after the final response (the caller has all it needs) lets Triton end the
+        call itself instead: a cancel racing Triton's own end of the call left the model
+        referenced in Triton 2.51, which then waited its whole exit timeout (30 s) to unload on
+        SIGTERM, as every pod termination would. The one request is written on the call directly
+        (no request iterator, which grpc.aio drains in a task of its own), then the stream is
+        half-closed so Triton ends it after the last response.
         """
         call = self._stub.ModelStreamInfer(timeout=self.request_timeout)
+        final = False
         try:
             await call.write(_request(model, inputs, outputs, request_id))
             await call.done_writing()
             async for response in call:
+                final = response.infer_response.parameters[FINAL_RESPONSE].bool_param
                 if response.error_message:
                     raise in_band_error(response.error_message)
                 yield grpcclient.InferResult(response.infer_response)
         except grpc.RpcError as exc:
             raise self._error(exc, model, self.request_timeout) from None
         finally:
-            call.cancel()  # a no-op once the stream has ended
+            if final:  # Triton ends the call right after its final response
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(call.code(), CALL_END_GRACE)
+            call.cancel()  # a no-op once the call has ended
 
     def _error(self, exc: InferenceServerException | grpc.RpcError, model: str, deadline: float) -> APIError:
         if isinstance(exc, grpc.RpcError):

@@ -101,19 +101,30 @@ class LocalProcess:
         """The exit status, or None while the process runs (or before it started)."""
         return self._proc.poll() if self._proc else None
 
-    def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM the leader so it shuts down cleanly, SIGKILL it after ``grace`` seconds, then
-        SIGKILL whatever is left of its process group. Idempotent."""
-        proc, self._proc = self._proc, None
+    def terminate(self, timeout: float) -> int | None:
+        """SIGTERM the leader, as the kubelet stops a container, and wait up to ``timeout``
+        seconds: its exit status, or None if it still runs (or never started)."""
+        proc = self._proc
         if proc is None:
-            return
+            return None
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=grace)
+                proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                return None
+        return proc.returncode
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM the leader so it shuts down cleanly, SIGKILL it after ``grace`` seconds, then
+        SIGKILL whatever is left of its process group. Idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        if self.terminate(grace) is None:
+            proc.kill()
+            proc.wait()
+        self._proc = None
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -183,6 +194,11 @@ class LocalServer:
         if code is not None:
             raise self.error(f"{self.what} exited with status {code} {when} (command: {' '.join(self._process.argv)})"
                              f"\n--- log tail ({self.log_path}) ---\n{self.log_tail()}")
+
+    def terminate(self, timeout: float) -> int | None:
+        """SIGTERM the server and wait up to ``timeout`` seconds: its exit status, or None if it
+        still runs. Its directory and log stay until ``stop``."""
+        return self._process.terminate(timeout) if self._process is not None else None
 
     def stop(self) -> None:
         """Stop the process (SIGTERM, SIGKILL after ``stop_grace``) and remove its directory.

@@ -10,6 +10,8 @@ a hang fails instead of passing.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -19,6 +21,7 @@ import openai
 import pytest
 
 from fixtures.predictor import scraped
+from llmserve.artifacts.testmodels import BuiltModel
 from llmserve.testbed.procs import free_ports
 
 pytestmark = pytest.mark.triton
@@ -169,3 +172,28 @@ def test_readiness_and_requests_follow_triton_going_away(triton_server, predicto
     assert unavailable.value.status_code == 503
     # The process itself stays up: Kubernetes restarts Triton's container, not the predictor's.
     assert server.returncode() is None
+
+
+def test_triton_stops_at_once_after_streams_the_predictor_ended(triton_server, predictor,
+                                                               tiny_lm_artifact: BuiltModel):
+    """A pod's Triton and predictor get SIGTERM together. The predictor closes each stream as soon
+    as the final response is in; if it cancelled a call Triton was itself ending, Triton 2.51
+    kept the model referenced, never unloaded it on SIGTERM and exited only when its 30-s exit
+    timeout expired, with an error. The race is widest on a busy machine, so two processes keep
+    both CPUs busy while the streams run (it failed every time so, before the fix)."""
+    built = tiny_lm_artifact
+    triton = triton_server(built.repo, {built.name: built.version})
+    api = client(predictor(triton.grpc_url, built.name))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for i in range(8):
+            chunks = list(api.completions.create(model=built.name, prompt=f"stream {i}", max_tokens=4, stream=True))
+            assert chunks[-1].choices[0].finish_reason is not None
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    status = triton.terminate(timeout=60)
+    log = triton.log_tail(40)
+    assert status == 0, f"tritonserver exited with {status} after SIGTERM:\n{log}"
+    assert f"successfully unloaded '{built.name}'" in log
