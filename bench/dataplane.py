@@ -56,7 +56,8 @@ from llmserve.artifacts import client, gate, testmodels
 from llmserve.artifacts.manifest import Serving, pull
 from llmserve.testbed.local_predictor import LocalPredictor
 from llmserve.testbed.procs import free_ports
-from llmserve.testbed.triton import TritonServer, engine_env
+from llmserve.environments import engine_env
+from llmserve.testbed.triton import TritonServer
 
 SHORT_PROMPTS = gate.LM_PROMPTS + [
     "The best way to learn a new language is",

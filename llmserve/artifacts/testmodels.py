@@ -33,7 +33,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmserve.testbed.paths import cache_root
+from llmserve.environments import cache_root
 
 from .manifest import ManifestError, verify_version
 from .repository import SHIPPED_REPO

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmserve.compress import gate as compress_gate
 from llmserve.compress import lineage
 from llmserve.compress.oneshot import quantization_format
-from llmserve.testbed.triton import env_python
+from llmserve.environments import env_python
 
 from . import gate as gates
 from .build import BuildError, BuildRequest, BuildResult, _Stage, detect_kind, progress, source_sha256, tool_versions
@@ -71,7 +71,7 @@ def render_vllm_config(template: str, name: str, parameters: dict[str, str]) -> 
 
 
 def engine_python() -> Path:
-    """The vLLM engine environment's interpreter (LLMSERVE_VLLM_PYTHON, else the test bed's)."""
+    """The vLLM engine environment's interpreter (LLMSERVE_VLLM_PYTHON, else the default)."""
     python = env_python("vllm", "LLMSERVE_VLLM_PYTHON")
     if not python.exists():
         raise BuildError(f"no vLLM engine environment at {python}: run hack/setup.sh "

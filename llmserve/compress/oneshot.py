@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 
+from llmserve.environments import env_python
+
 JOB_SCRIPT = Path(__file__).with_name("oneshot_job.py")
 SETUP_HINT = "hack/setup.sh (its compression-environment step: a venv from hack/engine-compress.txt)"
 # The scheme each method writes (compressed-tensors names) and whether vLLM needs a GPU for it.
@@ -33,8 +35,6 @@ class OneshotError(Exception):
 
 def compress_python() -> Path:
     """The compression environment's interpreter (LLMSERVE_COMPRESS_PYTHON, else the default)."""
-    from llmserve.testbed.triton import env_python
-
     python = env_python("compress", "LLMSERVE_COMPRESS_PYTHON")
     if not python.exists():
         raise OneshotError(f"no compression environment at {python} (llmcompressor): run {SETUP_HINT}, "

