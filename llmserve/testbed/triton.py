@@ -60,6 +60,17 @@ class TritonError(RuntimeError):
     """Triton could not be prepared, started or made ready; the message says why."""
 
 
+class PortTaken(TritonError):
+    """A port picked free was bound by another process before tritonserver bound it."""
+
+
+# tritonserver logs this and keeps running without that endpoint (seen for the metrics port,
+# taken by the vLLM engine its own model had started first).
+_PORT_TAKEN = re.compile(r"failed to start \w+ service: .*already in use")
+# Fresh ports for a start that lost one of its ports to another process.
+START_ATTEMPTS = 3
+
+
 # The shipped models of each engine: their requirements.txt files make the engine's environment.
 ENGINE_MODELS = {"onnxruntime": ("generate", "embedding"), "vllm": ("vllm",)}
 # The runtime images install GPU builds; this machine has none: the same version's CPU build.
@@ -416,15 +427,31 @@ class TritonServer(LocalServer):
         )
         return argv, proc_env
 
+    def start(self) -> TritonServer:
+        """Start on free ports. Ports are picked free, then bound by tritonserver seconds later,
+        after its models loaded: another process (or the engine a model starts) can take one in
+        between, and tritonserver then runs without that endpoint. Such a start is stopped and
+        tried again on fresh ports, at most ``START_ATTEMPTS`` times."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return super().start()
+            except PortTaken:
+                if attempt == START_ATTEMPTS:
+                    raise
+
     def _wait_ready(self) -> None:
-        """Poll server readiness, then each pinned model version, until ready or the deadline."""
+        """Poll server readiness, each pinned model version, then the metrics endpoint, until
+        ready or the deadline; raise ``PortTaken`` as soon as the log says a port was taken."""
         checks = [("server", f"{self.http_url}/v2/health/ready")] + [
             (f"model {name} version {version}", f"{self.http_url}/v2/models/{name}/versions/{version}/ready")
             for name, version in self.models.items()
-        ]
+        ] + [("metrics", f"http://127.0.0.1:{self.metrics_port}/metrics")]
         deadline = time.monotonic() + self.startup_timeout
         pending = "server"
         while checks:
+            if _PORT_TAKEN.search(self.log_path.read_text(errors="replace")):
+                raise PortTaken(f"tritonserver lost a port it was given to another process\n"
+                                f"--- log tail ({self.log_path}) ---\n{self.log_tail()}")
             self._raise_if_exited(f"before {pending} was ready")
             pending, url = checks[0]
             if _http_ok(url):
