@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llmserve.predictors.cli import predictor_command
 
-from .procs import LocalServer, free_ports
+from .procs import LocalServer
 from .triton import _http_ok
 
 
@@ -73,7 +73,7 @@ class LocalPredictor(LocalServer):
         return super().start()
 
     def _command(self, workdir: Path) -> tuple[list[str], None]:
-        self.port = free_ports(1)[0]
+        self.port = self.pick_ports(1)[0]
         return self.command, None
 
     def _wait_ready(self) -> None:
@@ -84,7 +84,7 @@ class LocalPredictor(LocalServer):
     def _wait(self, what: str, path: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while not _http_ok(self.url + path):
-            self._raise_if_exited(f"before it was {what}")
+            self._raise_if_failed(f"before it was {what}")
             if time.monotonic() > deadline:
                 raise PredictorError(f"the predictor was not {what} after {self.startup_timeout:.0f}s ({self.url}{path})"
                                      f"\n--- log tail ---\n{self.log_tail()}")

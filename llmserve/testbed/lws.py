@@ -31,7 +31,7 @@ import yaml
 
 from . import pki, toolchain
 from .cluster import TestBed
-from .procs import LocalServer, free_ports
+from .procs import LocalServer
 from .waiting import poll
 
 NAMESPACE = "lws-system"
@@ -140,7 +140,7 @@ class LWSController(LocalServer):
 
         toolchain.build(toolchain.LWS)
         config = module_dir() / "config"
-        self.port, self.health_port = free_ports(2)
+        self.port, self.health_port = self.pick_ports(2)
         self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
                              str(config / "crd" / "bases" / "leaderworkerset.x-k8s.io_leaderworkersets.yaml"))
         poll(f"CRD {CRD_NAME} Established", self._crd_established, 60)
@@ -166,7 +166,7 @@ class LWSController(LocalServer):
         deadline = time.monotonic() + self.startup_timeout
         last = ""
         while time.monotonic() < deadline:
-            self._raise_if_exited("before its webhooks served")
+            self._raise_if_failed("before its webhooks served")
             if self._healthy():
                 result = self.cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-",
                                               input=json.dumps(probe), check=False)

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import pki, toolchain
 from .cluster import TestBed
-from .procs import LocalServer, free_ports
+from .procs import LocalServer
 
 NAMESPACE = "monitoring"
 NAME = "prometheus-adapter"
@@ -94,7 +94,7 @@ class MetricsAdapter(LocalServer):
         from .local_operator import service_account_kubeconfig
 
         toolchain.build(toolchain.PROMETHEUS_ADAPTER)
-        (self.port,) = free_ports(1)
+        (self.port,) = self.pick_ports(1)
         self.cluster.apply(*manifests(self.port, (self.cluster.dir / "pki" / "ca.crt").read_bytes()))
         kubeconfig = service_account_kubeconfig(self.cluster, workdir / "kubeconfig", NAMESPACE, NAME)
         cert, key = pki.serving_certificate(self.cluster.dir / "pki", workdir / "serving", [
@@ -120,7 +120,7 @@ class MetricsAdapter(LocalServer):
         deadline = time.monotonic() + self.startup_timeout
         condition: dict = {}
         while time.monotonic() < deadline:
-            self._raise_if_exited("before its APIService was Available")
+            self._raise_if_failed("before its APIService was Available")
             found = self.cluster.kubectl("get", "apiservice", APISERVICE, "-o", "json", check=False)
             if found.returncode == 0:
                 conds = json.loads(found.stdout).get("status", {}).get("conditions", [])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -131,24 +132,37 @@ class LocalProcess:
             pass
 
 
+class PortTaken(RuntimeError):
+    """A port picked free was bound by another process before the server bound it."""
+
+
 class LocalServer:
     """The shared skeleton of a local server the tests run: one scratch directory (config, data,
     log) and one ``LocalProcess``, both removed by ``stop``. Subclasses set ``what`` (for
     messages), ``log_name``, ``error`` and ``workdir_prefix`` and implement ``_command`` (write
-    what the process needs into the scratch directory, return its argv and environment) and
-    ``_wait_ready``."""
+    what the process needs into the scratch directory, pick its ports with ``pick_ports``, return
+    its argv and environment) and ``_wait_ready`` (calling ``_raise_if_failed`` while it waits).
+
+    Ports are picked free, then bound by the process a moment (Triton: seconds) later; another
+    process can take one in between. A start whose log says so (``port_taken``) is stopped and
+    tried again on fresh ports, at most ``start_attempts`` times."""
 
     what = "the server"
     log_name = "server.log"
     workdir_prefix = "llmserve-server-"
     error: type[Exception] = RuntimeError
     stop_grace = 30.0
+    # What Go (listen tcp ...: bind: address already in use) and Python ([Errno 98] ...) servers log.
+    port_taken = re.compile(r"address already in use", re.IGNORECASE)
+    start_attempts = 3
 
     def __init__(self, cpus: frozenset[int] | None = None) -> None:
         self.port = 0
         self.cpus = cpus
+        self.pick_ports: Callable[[int], list[int]] = free_ports
         self._workdir: Path | None = None
         self._process: LocalProcess | None = None
+        self._log_checked = 0  # bytes of the log already searched for ``port_taken``
 
     @property
     def url(self) -> str:
@@ -164,11 +178,21 @@ class LocalServer:
         return tail(self.log_path, lines)
 
     def start(self):
-        """Start the process in a fresh scratch directory and return once ``_wait_ready`` does;
-        on any failure (or interrupt) nothing is left running or on disk."""
+        """Start the process in a fresh scratch directory and return once ``_wait_ready`` does,
+        on fresh ports again if another process took one; on any failure (or interrupt) nothing
+        is left running or on disk."""
         if self._process is not None:
             raise self.error(f"{self.what} is already running")
+        for attempt in range(1, self.start_attempts + 1):
+            try:
+                return self._start_once()
+            except PortTaken as exc:
+                if attempt == self.start_attempts:
+                    raise self.error(f"{exc} (on each of {attempt} starts)") from exc
+
+    def _start_once(self):
         self._workdir = Path(tempfile.mkdtemp(prefix=self.workdir_prefix))
+        self._log_checked = 0
         try:
             argv, env = self._command(self._workdir)
             self._process = LocalProcess(argv, self.log_path, env=env, cwd=self._workdir, cpus=self.cpus)
@@ -187,13 +211,28 @@ class LocalServer:
         """Return once the server serves; raise ``error`` with the log tail if it cannot."""
         raise NotImplementedError
 
-    def _raise_if_exited(self, when: str) -> None:
-        """For ``_wait_ready``: raise ``error`` with the command and the log tail once the process
-        has exited (``when`` says at which step, e.g. "before model m was ready")."""
-        code = self._process.returncode()
+    def _raise_if_failed(self, when: str) -> None:
+        """For ``_wait_ready``: raise ``PortTaken`` once the log says a port given was taken, and
+        ``error`` with the command and the log tail once the process has exited (``when`` says at
+        which step, e.g. "before model m was ready")."""
+        code = self._process.returncode()  # before the log, so an exit's last words are in it
+        if self._logged_port_taken(complete=code is not None):
+            raise PortTaken(f"{self.what} lost a port it was given to another process"
+                            f"\n--- log tail ({self.log_path}) ---\n{self.log_tail()}")
         if code is not None:
             raise self.error(f"{self.what} exited with status {code} {when} (command: {' '.join(self._process.argv)})"
                              f"\n--- log tail ({self.log_path}) ---\n{self.log_tail()}")
+
+    def _logged_port_taken(self, complete: bool) -> bool:
+        """Whether the lines logged since the last call say a port was taken. Reads only what
+        was appended (a vLLM start logs hundreds of KB); a last line without its newline waits
+        for the next call unless the process has ended (``complete``)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_checked)
+            new = log.read()
+        end = len(new) if complete else new.rfind(b"\n") + 1
+        self._log_checked += end
+        return bool(self.port_taken.search(new[:end].decode(errors="replace")))
 
     def terminate(self, timeout: float) -> int | None:
         """SIGTERM the server and wait up to ``timeout`` seconds: its exit status, or None if it

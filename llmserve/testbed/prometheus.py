@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .procs import LocalServer, free_ports
+from .procs import LocalServer
 
 JOB = "triton"
 
@@ -98,7 +98,7 @@ class Prometheus(LocalServer):
             )
         config = workdir / "prometheus.yml"
         config.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        (self.port,) = free_ports(1)
+        (self.port,) = self.pick_ports(1)
         return [
             executable,
             f"--config.file={config}",
@@ -116,7 +116,7 @@ class Prometheus(LocalServer):
         deadline = time.monotonic() + self.startup_timeout
         waiting_for = f"{self.url}/-/ready"
         while True:
-            self._raise_if_exited("while starting")
+            self._raise_if_failed("while starting")
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
                     if response.status == 200:

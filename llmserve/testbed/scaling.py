@@ -85,6 +85,11 @@ class Snapshot:
         return self.llmservice["spec"].get("replicas", 1)
 
     @property
+    def reported_replicas(self) -> int | None:
+        """status.replicas: what the operator last reported (through the scale subresource)."""
+        return (self.llmservice.get("status") or {}).get("replicas")
+
+    @property
     def hpa_desired(self) -> int | None:
         return ((self.hpa or {}).get("status") or {}).get("desiredReplicas")
 
@@ -113,7 +118,7 @@ class Snapshot:
         """What a person debugging a stuck scale would look at first."""
         hpa = {t: (c.get("status"), c.get("reason"), c.get("message"))
                for t in ("AbleToScale", "ScalingActive", "ScalingLimited") if (c := self.hpa_condition(t))}
-        return (f"spec.replicas={self.replicas} HPA desired={self.hpa_desired} stable={self.track('stable')} "
+        return (f"spec.replicas={self.replicas} status.replicas={self.reported_replicas} HPA desired={self.hpa_desired} stable={self.track('stable')} "
                 f"canary={self.track('canary')} pods={self.pods} ready={self.ready_pods}\nHPA conditions: {hpa}\n"
                 f"LLMService conditions: {(self.llmservice.get('status') or {}).get('conditions')}")
 

@@ -51,24 +51,13 @@ from ..artifacts.manifest import ENGINE_MARKERS
 from ..artifacts.repository import SHIPPED_REPO
 from ..operator.tritoncmd import tritonserver_command
 from llmserve.environments import cache_root, engine_env
-from .procs import LocalServer, free_ports
+from .procs import LocalServer
 
 EXECUTION_ENV_PARAMETER = "EXECUTION_ENV_PATH"
 
 
 class TritonError(RuntimeError):
     """Triton could not be prepared, started or made ready; the message says why."""
-
-
-class PortTaken(TritonError):
-    """A port picked free was bound by another process before tritonserver bound it."""
-
-
-# tritonserver logs this and keeps running without that endpoint (seen for the metrics port,
-# taken by the vLLM engine its own model had started first).
-_PORT_TAKEN = re.compile(r"failed to start \w+ service: .*already in use")
-# Fresh ports for a start that lost one of its ports to another process.
-START_ATTEMPTS = 3
 
 
 # The shipped models of each engine: their requirements.txt files make the engine's environment.
@@ -342,6 +331,11 @@ class TritonServer(LocalServer):
 
     what, log_name, error = "tritonserver", "tritonserver.log", TritonError
     workdir_prefix = "llmserve-triton-"
+    # It binds its ports after its models loaded, seconds after the pick, and if one was taken
+    # meanwhile logs this and serves on without that endpoint (seen for the metrics port, taken
+    # by the vLLM engine its own model had started first). Narrower than the default: the
+    # engines' output is in the same log.
+    port_taken = re.compile(r"failed to start \w+ service: .*already in use")
 
     def __init__(
         self,
@@ -405,7 +399,7 @@ class TritonServer(LocalServer):
         backends = python_backend_directory(dist, env.version)
         repository = workdir / "model_repository"
         stage_model_repository(self.model_repository, self.models, repository, env.prefix)
-        self.port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.port, self.grpc_port, self.metrics_port = self.pick_ports(3)
         # A prefix of our own names this server's shared-memory regions, so stop() can
         # remove them even if a stub had to be killed.
         self._shm_prefix = f"llmserve-triton-{uuid.uuid4().hex[:12]}-"
@@ -427,21 +421,9 @@ class TritonServer(LocalServer):
         )
         return argv, proc_env
 
-    def start(self) -> TritonServer:
-        """Start on free ports. Ports are picked free, then bound by tritonserver seconds later,
-        after its models loaded: another process (or the engine a model starts) can take one in
-        between, and tritonserver then runs without that endpoint. Such a start is stopped and
-        tried again on fresh ports, at most ``START_ATTEMPTS`` times."""
-        for attempt in range(1, START_ATTEMPTS + 1):
-            try:
-                return super().start()
-            except PortTaken:
-                if attempt == START_ATTEMPTS:
-                    raise
-
     def _wait_ready(self) -> None:
         """Poll server readiness, each pinned model version, then the metrics endpoint, until
-        ready or the deadline; raise ``PortTaken`` as soon as the log says a port was taken."""
+        ready or the deadline."""
         checks = [("server", f"{self.http_url}/v2/health/ready")] + [
             (f"model {name} version {version}", f"{self.http_url}/v2/models/{name}/versions/{version}/ready")
             for name, version in self.models.items()
@@ -449,10 +431,7 @@ class TritonServer(LocalServer):
         deadline = time.monotonic() + self.startup_timeout
         pending = "server"
         while checks:
-            if _PORT_TAKEN.search(self.log_path.read_text(errors="replace")):
-                raise PortTaken(f"tritonserver lost a port it was given to another process\n"
-                                f"--- log tail ({self.log_path}) ---\n{self.log_tail()}")
-            self._raise_if_exited(f"before {pending} was ready")
+            self._raise_if_failed(f"before {pending} was ready")
             pending, url = checks[0]
             if _http_ok(url):
                 checks.pop(0)

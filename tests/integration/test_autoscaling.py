@@ -71,7 +71,8 @@ def test_load_on_triton_scales_the_llmservice_up_and_back_down(
         def scaled_up():
             s = snapshot(testbed, namespace, name)
             seen_up.append(s.replicas)
-            return s if s.replicas == 3 and s.ready_pods == 3 else None
+            # The operator reports the Deployment's pods a moment after the Deployment has them.
+            return s if s.replicas == 3 and s.ready_pods == 3 and s.reported_replicas == 3 else None
 
         up = poll("the HPA to raise the LLMService to 3 Ready replicas", scaled_up, 240, explain=explain)
         loaded = metric()
@@ -93,7 +94,7 @@ def test_load_on_triton_scales_the_llmservice_up_and_back_down(
     def scaled_down():
         s = snapshot(testbed, namespace, name)
         seen_down.append(s.replicas)
-        return s if s.replicas == 1 and s.pods == 1 else None
+        return s if s.replicas == 1 and s.pods == 1 and s.reported_replicas == 1 else None
 
     # The 1m rate window drains, then the 10s scale-down stabilization window passes.
     down = poll("the HPA to return the LLMService to 1 replica after the load", scaled_down, 300, explain=explain)

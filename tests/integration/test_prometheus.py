@@ -5,7 +5,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from llmserve.testbed.procs import free_ports
-from llmserve.testbed.prometheus import PrometheusError, metric_labels
+from llmserve.testbed.prometheus import Prometheus, PrometheusError, metric_labels
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.triton]
 
@@ -68,3 +68,14 @@ def test_errors_explain_bad_queries_and_unscraped_targets(prometheus):
     assert "last result: []" in message
     assert f"127.0.0.1:{closed_port}/metrics" in message
     assert '"health": "down"' in message or '"health": "unknown"' in message
+
+
+def test_a_port_taken_before_prometheus_binds_it_means_a_start_on_fresh_ports(first_pick_taken):
+    """Any test-bed server, not only Triton: Prometheus exits with "bind: address already in use"
+    on a taken port, and the start is made again on a fresh one."""
+    (closed_port,) = free_ports(1)
+    server = Prometheus([{"target": f"127.0.0.1:{closed_port}", "labels": {}}])
+    picks = first_pick_taken(server)
+    with server:
+        assert len(picks) == 2 and server.port == picks[1][0] != picks[0][0]
+        assert "address already in use" not in server.log_tail()

@@ -1,6 +1,5 @@
 """The real tritonserver from the nvidia-pytriton wheel serves a python-backend model on CPU."""
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -56,29 +55,15 @@ def test_start_failure_reports_the_model_error_from_the_log(sample_model_repo):
     assert "fails_to_load refuses to initialize" in message
 
 
-def test_a_port_taken_before_tritonserver_binds_it_means_a_start_on_fresh_ports(sample_model_repo, monkeypatch):
+def test_a_port_taken_before_tritonserver_binds_it_means_a_start_on_fresh_ports(sample_model_repo, first_pick_taken):
     """Ports are picked free and bound seconds later; in CI a vLLM engine once took a Triton's
     metrics port in between, and that tritonserver served without metrics. Here the first metrics
-    port given is held by a listening socket: the start is retried on fresh ports."""
-    from llmserve.testbed import triton as triton_module
-
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        taken = holder.getsockname()[1]
-        picks = []
-
-        def free_ports(count):
-            picks.append(original(count))
-            if len(picks) == 1:
-                picks[0][-1] = taken
-            return picks[-1]
-
-        original = triton_module.free_ports
-        monkeypatch.setattr(triton_module, "free_ports", free_ports)
-        with TritonServer(sample_model_repo, {"add_sub": 1}) as server:
-            assert len(picks) == 2 and server.metrics_port != taken
-            assert httpclient.InferenceServerClient(url=server.http_address).is_server_ready()
+    port given is taken: the start is retried on fresh ports."""
+    server = TritonServer(sample_model_repo, {"add_sub": 1})
+    picks = first_pick_taken(server)
+    with server:
+        assert len(picks) == 2 and server.metrics_port == picks[1][-1] != picks[0][-1]
+        assert httpclient.InferenceServerClient(url=server.http_address).is_server_ready()
 
 
 def test_stop_leaves_no_process_behind(sample_model_repo):
