@@ -119,9 +119,13 @@ class TritonPythonModel:
             texts += [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
         try:
             embeddings, counts = self.embedder.embed(texts)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - every request of the batch is told why
             self.metrics["failure"].increment(len(requests))
-            raise
+            # Answered, not raised: after execute() raised under concurrent requests, Triton 2.51
+            # kept the model referenced, and on SIGTERM waited out its whole exit timeout. One
+            # TritonError per response: a shared one crashed tritonserver (SIGSEGV).
+            message = f"embedding failed: {type(exc).__name__}: {exc}"
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
         self.metrics["success"].increment(len(requests))
         self.metrics["prompt"].increment(int(counts.sum()))
         for _ in requests:  # the whole batch answers at once: each request waited this long in it

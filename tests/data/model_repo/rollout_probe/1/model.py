@@ -3,7 +3,9 @@
 The canary analysis reads Triton's own request metrics, so a bad version has to be bad where
 Triton counts it: a slow answer raises ``nv_inference_request_summary_us``, and a failure raises
 ``nv_inference_request_failure`` only when ``execute`` raises (Triton 2.51 counts a python-backend
-response that merely carries an error as a success). The repository holds only version 1; the rollout
+response that merely carries an error as a success; raising under concurrent requests also leaves
+Triton 2.51 holding the model, so a failing version's server waits out its 30-s exit timeout at
+teardown, see docs/rollout.md). The repository holds only version 1; the rollout
 tests stage versions 2-5 as copies of this file, and each copy picks its behaviour from the
 version Triton loaded it as:
 
