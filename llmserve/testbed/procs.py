@@ -188,7 +188,7 @@ class LocalServer:
                 return self._start_once()
             except PortTaken as exc:
                 if attempt == self.start_attempts:
-                    raise self.error(f"{exc} (on each of {attempt} starts)") from exc
+                    raise self.error(f"{attempt} starts in a row: {exc}") from exc
 
     def _start_once(self):
         self._workdir = Path(tempfile.mkdtemp(prefix=self.workdir_prefix))
