@@ -76,9 +76,9 @@ class QuickstartError(RuntimeError):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from llmserve.environments import cache_root
     from llmserve.testbed.local_operator import LocalOperator, install_chart, service_account_kubeconfig
     from llmserve.testbed.cluster import TestBed, TestBedError
-    from llmserve.testbed.paths import cache_root
     from llmserve.testbed.storage import MODEL_CLAIM, model_repository
 
     args.engine = args.engine or MODELS[args.model][3]

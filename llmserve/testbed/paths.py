@@ -1,4 +1,4 @@
-"""Where the test bed keeps built binaries and per-instance state (outside any clone)."""
+"""Where the test bed keeps per-instance state (outside any clone; built binaries: `cache_root`)."""
 
 import os
 from pathlib import Path

@@ -118,8 +118,9 @@ class Snapshot:
         """What a person debugging a stuck scale would look at first."""
         hpa = {t: (c.get("status"), c.get("reason"), c.get("message"))
                for t in ("AbleToScale", "ScalingActive", "ScalingLimited") if (c := self.hpa_condition(t))}
-        return (f"spec.replicas={self.replicas} status.replicas={self.reported_replicas} HPA desired={self.hpa_desired} stable={self.track('stable')} "
-                f"canary={self.track('canary')} pods={self.pods} ready={self.ready_pods}\nHPA conditions: {hpa}\n"
+        return (f"spec.replicas={self.replicas} status.replicas={self.reported_replicas} "
+                f"HPA desired={self.hpa_desired} stable={self.track('stable')} canary={self.track('canary')} "
+                f"pods={self.pods} ready={self.ready_pods}\nHPA conditions: {hpa}\n"
                 f"LLMService conditions: {(self.llmservice.get('status') or {}).get('conditions')}")
 
     def condition(self, type_: str) -> dict:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .paths import cache_root
+from ..environments import cache_root
 
 KUBERNETES_VERSION = "v1.33.4"
 ETCD_VERSION = "v3.5.21"

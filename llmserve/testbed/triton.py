@@ -49,8 +49,8 @@ from pathlib import Path
 
 from ..artifacts.manifest import ENGINE_MARKERS
 from ..artifacts.repository import SHIPPED_REPO
+from ..environments import cache_root, engine_env
 from ..operator.tritoncmd import tritonserver_command
-from llmserve.environments import cache_root, engine_env
 from .procs import LocalServer
 
 EXECUTION_ENV_PARAMETER = "EXECUTION_ENV_PATH"

@@ -153,7 +153,8 @@ def test_embeddings_match_pytorch_through_triton(minilm_artifact, triton_server,
     assert counts.tolist() == enc["attention_mask"].sum(1).tolist()
 
 
-def test_an_engine_failure_under_load_is_answered_and_triton_still_stops_at_once(minilm_artifact, tmp_path):
+def test_an_engine_failure_under_load_is_answered_and_triton_still_stops_at_once(minilm_artifact, triton_server,
+                                                                                 tmp_path):
     """The embedding model's engine fails every batch (its ONNX graph lacks the output it runs).
     Each request gets the error, and tritonserver still unloads the model at once on SIGTERM:
     when execute() raised instead (200 requests, 8 at a time), Triton 2.51 kept the model
@@ -164,33 +165,29 @@ def test_an_engine_failure_under_load_is_answered_and_triton_still_stops_at_once
     import tritonclient.http as httpclient
     from onnx import TensorProto, helper
 
-    from llmserve.testbed.triton import TritonServer
-
     repo = _pulled(minilm_artifact, tmp_path)
     graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["not_an_embedding"])], "broken",
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["n", "l"])],
                               [helper.make_tensor_value_info("not_an_embedding", TensorProto.INT64, ["n", "l"])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
               repo / "minilm" / "1" / "model.onnx")
-    server = TritonServer(repo, {"minilm": 1}).start()
-    try:
-        def embed(i):
-            with httpclient.InferenceServerClient(url=server.http_address, network_timeout=60) as http:
-                text = httpclient.InferInput("text", [1, 1], "BYTES")
-                text.set_data_from_numpy(np.array([[f"text {i}".encode()]], dtype=object))
-                with pytest.raises(Exception) as failed:
-                    http.infer("minilm", [text], model_version="1")
-                return str(failed.value)
+    server = triton_server(repo, {"minilm": 1})
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            errors = set(pool.map(embed, range(200)))
-        status = server.terminate(timeout=60)
-        log = server.log_tail(40)
-        assert status == 0, f"tritonserver exited with {status} after SIGTERM:\n{log}"
-        assert "successfully unloaded 'minilm'" in log
-        assert len(errors) == 1 and "embedding failed: InvalidArgument" in errors.pop()
-    finally:
-        server.stop()
+    def embed(i):
+        with httpclient.InferenceServerClient(url=server.http_address, network_timeout=60) as http:
+            text = httpclient.InferInput("text", [1, 1], "BYTES")
+            text.set_data_from_numpy(np.array([[f"text {i}".encode()]], dtype=object))
+            with pytest.raises(Exception) as failed:
+                http.infer("minilm", [text], model_version="1")
+            return str(failed.value)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        errors = set(pool.map(embed, range(200)))
+    status = server.terminate(timeout=60)
+    log = server.log_tail(40)
+    assert status == 0, f"tritonserver exited with {status} after SIGTERM:\n{log}"
+    assert "successfully unloaded 'minilm'" in log
+    assert len(errors) == 1 and "embedding failed: InvalidArgument" in errors.pop()
 
 
 def test_next_version_leaves_the_previous_one_byte_identical(tiny_lm_artifact, artifact_copy):
